@@ -1,0 +1,13 @@
+//! lorafuse: LoRA fine-tuning, text generation and sentence embeddings on Candle, with fused
+//! kernels from `lorafuse-ops` on the hot paths.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod loading;
+pub mod models;
+pub mod perplexity;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

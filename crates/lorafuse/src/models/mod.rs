@@ -1,0 +1,8 @@
+//! Model definitions. Models never mention LoRA: their projections are [`linear::LinearSlot`]s that
+//! `lora::apply_lora` replaces by module path.
+
+pub mod linear;
+pub mod llama;
+
+pub use linear::{Linear, LinearLayer, LinearSlot};
+pub use llama::{KvCache, Llama};
