@@ -1,1 +1,39 @@
-fn main() {}
+//! `lorafuse`: LoRA fine-tuning, generation, perplexity and sentence embeddings on Candle.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// LoRA fine-tuning, text generation and sentence embeddings on Candle, with fused kernels.
+///
+/// Models are Hugging Face folders (config.json, tokenizer.json, *.safetensors) or GGUF files.
+/// `LORAFUSE_KERNELS=reference` runs every op through stock Candle ops instead of fused kernels.
+#[derive(Parser, Debug)]
+#[command(name = "lorafuse", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text from a prompt (or chat with --chat), streaming tokens as they decode.
+    Generate(cmd::generate::GenerateArgs),
+    /// Score JSONL records ({"text": ...}): mean next-token NLL and perplexity, as transformers does.
+    Perplexity(cmd::perplexity::PerplexityArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Perplexity(a) => cmd::perplexity::run(a),
+    }
+}

@@ -19,6 +19,9 @@
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+mod cpu_util;
+#[cfg(feature = "cuda")]
+mod cuda_util;
 mod dispatch;
 mod error;
 pub mod layer_norm;

@@ -2,10 +2,13 @@
 //! kernels from `lorafuse-ops` on the hot paths.
 
 pub mod config;
+pub mod data;
 pub mod device;
+pub mod embed;
 pub mod error;
 pub mod generate;
 pub mod loading;
+pub mod lora;
 pub mod models;
 pub mod perplexity;
 pub mod tokenizer;

@@ -15,7 +15,12 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 }
 
 /// `softmax(q k^T * scale + causal_mask) v`, softmax in f32.
-pub fn causal_attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn causal_attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, hq, tq, d) = q.dims4()?;
     let (kb, hkv, tk, kd) = k.dims4()?;
     if kb != b || kd != d || hkv == 0 || hq % hkv != 0 || tk < tq || v.dims() != k.dims() {
@@ -29,7 +34,15 @@ pub fn causal_attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64
     let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
     let offset = tk - tq;
     let mask: Vec<f32> = (0..tq)
-        .flat_map(|i| (0..tk).map(move |j| if j <= i + offset { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..tk).map(move |j| {
+                if j <= i + offset {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     let mask = Tensor::from_vec(mask, (tq, tk), q.device())?;
     let scores = scores.broadcast_add(&mask)?;

@@ -1,8 +1,30 @@
 //! Cross-entropy over a large vocabulary with `ignore_index`.
+//!
+//! The fused op reads each row of logits once in the forward (online logsumexp, accumulated in
+//! f32, or f64 for f64 logits) and once in the backward, and never materialises an f32 copy of
+//! the logits: for a bf16 `[tokens, 150k]` tensor that copy is the largest buffer of a LoRA step.
+//! The forward keeps the per-row logsumexp and the counted-row total in the op (Candle's
+//! `bwd` only gets inputs, output and output gradient), so the backward is one pass writing
+//! `(softmax - onehot) * g / count` straight into the logits' dtype.
+//!
+//! The loss comes back in f32 (f64 for f64 logits), like the reference.
 
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod reference;
 
-use candle_core::{Result, Tensor};
+use crate::dispatch::fused_enabled;
+use crate::error::shape_err;
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
+};
+use cpu::Elem;
+use std::sync::Mutex;
+
+const OP: &str = "cross_entropy";
 
 /// How per-token losses are reduced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,5 +45,332 @@ pub fn cross_entropy(
     ignore_index: i64,
     reduction: Reduction,
 ) -> Result<Tensor> {
-    reference::cross_entropy_reference(logits, targets, ignore_index, reduction)
+    let (n, _v) = logits.dims2()?;
+    if targets.dims() != [n] {
+        return Err(shape_err(
+            OP,
+            format!(
+                "logits {:?} need targets [{n}], got {:?}",
+                logits.dims(),
+                targets.dims()
+            ),
+        ));
+    }
+    if fused_enabled() && supported(logits, targets) {
+        cross_entropy_fused(logits, targets, ignore_index, reduction)
+    } else {
+        reference::cross_entropy_reference(logits, targets, ignore_index, reduction)
+    }
+}
+
+/// The fused [`cross_entropy`], whatever the kernel mode; errors on a backend or dtype without a
+/// kernel. The loss is f32 (f64 for f64 logits); the gradient has the logits' dtype.
+pub fn cross_entropy_fused(
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+    reduction: Reduction,
+) -> Result<Tensor> {
+    let op = CrossEntropyOp {
+        ignore_index,
+        reduction,
+        saved: Mutex::new(None),
+    };
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, op)
+}
+
+fn supported(logits: &Tensor, targets: &Tensor) -> bool {
+    let (l, t) = (logits.dtype(), targets.dtype());
+    let same_device = logits.device().same_device(targets.device());
+    same_device
+        && match logits.device() {
+            Device::Cpu => {
+                matches!(l, DType::F32 | DType::F64 | DType::BF16 | DType::F16)
+                    && matches!(t, DType::I64 | DType::U32 | DType::I32 | DType::U8)
+            }
+            Device::Cuda(_) => {
+                false && cfg!(feature = "cuda")
+                    && matches!(l, DType::F32 | DType::BF16 | DType::F16)
+                    && matches!(t, DType::I64 | DType::U32)
+            }
+            Device::Metal(_) => false,
+        }
+}
+
+/// The accumulator (and loss) dtype for a logits dtype.
+fn acc_dtype(logits: DType) -> DType {
+    if logits == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// What the forward leaves for the backward: per-row logsumexp `[n]` and the number of counted
+/// rows `[1]`, both in the accumulator dtype, on the logits' device.
+#[derive(Clone)]
+struct Saved {
+    lse: Tensor,
+    count: Tensor,
+}
+
+struct CrossEntropyOp {
+    ignore_index: i64,
+    reduction: Reduction,
+    saved: Mutex<Option<Saved>>,
+}
+
+impl CrossEntropyOp {
+    fn save(&self, s: Saved) {
+        if let Ok(mut slot) = self.saved.lock() {
+            *slot = Some(s);
+        }
+    }
+
+    fn cpu_fwd_t<T: Elem>(
+        &self,
+        logits: &[T],
+        vocab: usize,
+        targets: &[i64],
+        count: usize,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = targets.len();
+        let (loss, lse) = cpu::fwd_rows(logits, vocab, targets, self.ignore_index);
+        let total = || loss.iter().map(|l| l.to_f64()).sum::<f64>();
+        let (out, shape) = match self.reduction {
+            Reduction::None => (loss, Shape::from(n)),
+            Reduction::Sum => (vec![T::A::from_f64(total())], Shape::from(())),
+            Reduction::Mean => (
+                vec![T::A::from_f64(total() / count.max(1) as f64)],
+                Shape::from(()),
+            ),
+        };
+        let lse = Tensor::from_vec(lse, n, &Device::Cpu)?;
+        let count = Tensor::from_vec(vec![T::A::from_f64(count as f64)], 1, &Device::Cpu)?;
+        self.save(Saved { lse, count });
+        Ok((T::A::to_cpu_storage_owned(out), shape))
+    }
+}
+
+fn dims2(l: &Layout) -> Result<(usize, usize)> {
+    match l.dims() {
+        [n, v] => Ok((*n, *v)),
+        d => Err(shape_err(
+            OP,
+            format!("logits must be [n, vocab], got {d:?}"),
+        )),
+    }
+}
+
+impl CustomOp2 for CrossEntropyOp {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = dims2(ll)?;
+        let targets = cpu::targets_i64(ts, tl)?;
+        if targets.len() != n {
+            return Err(shape_err(
+                OP,
+                format!("{n} rows of logits, {} targets", targets.len()),
+            ));
+        }
+        let count = cpu::check_targets(&targets, v, self.ignore_index)?;
+        match ls {
+            CpuStorage::F32(_) => {
+                self.cpu_fwd_t(cpu::contiguous::<f32>(ls, ll)?, v, &targets, count)
+            }
+            CpuStorage::F64(_) => {
+                self.cpu_fwd_t(cpu::contiguous::<f64>(ls, ll)?, v, &targets, count)
+            }
+            CpuStorage::BF16(_) => {
+                self.cpu_fwd_t(cpu::contiguous::<half::bf16>(ls, ll)?, v, &targets, count)
+            }
+            CpuStorage::F16(_) => {
+                self.cpu_fwd_t(cpu::contiguous::<half::f16>(ls, ll)?, v, &targets, count)
+            }
+            other => Err(crate::OpError::DType {
+                op: OP,
+                dtype: other.dtype(),
+            }
+            .into()),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+        ts: &candle_core::CudaStorage,
+        tl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out, shape, saved) = cuda::fwd(ls, ll, ts, tl, self.ignore_index, self.reduction)?;
+        self.save(saved);
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !logits.track_op() {
+            return Ok((None, None));
+        }
+        let saved = self.saved.lock().ok().and_then(|s| s.clone());
+        let saved = match saved {
+            Some(s) => s,
+            None => {
+                // the forward ran elsewhere (a cloned graph): recompute its statistics
+                let op = CrossEntropyOp {
+                    ignore_index: self.ignore_index,
+                    reduction: self.reduction,
+                    saved: Mutex::new(None),
+                };
+                logits.apply_op2_no_bwd(targets, &op)?;
+                let s = op.saved.lock().ok().and_then(|s| s.clone());
+                s.ok_or_else(|| shape_err(OP, "forward statistics missing"))?
+            }
+        };
+        let g = g.to_dtype(acc_dtype(logits.dtype()))?.contiguous()?;
+        let op = CrossEntropyBwd {
+            saved,
+            ignore_index: self.ignore_index,
+            reduction: self.reduction,
+        };
+        Ok((Some(logits.apply_op3_no_bwd(targets, &g, &op)?), None))
+    }
+}
+
+/// `dlogits = (softmax - onehot) * coef` on `(logits, targets, g)`.
+struct CrossEntropyBwd {
+    saved: Saved,
+    ignore_index: i64,
+    reduction: Reduction,
+}
+
+impl CrossEntropyBwd {
+    fn cpu_t<T: Elem>(
+        &self,
+        logits: &[T],
+        vocab: usize,
+        targets: &[i64],
+        g: &[T::A],
+    ) -> Result<CpuStorage> {
+        let (lse_s, lse_l) = self.saved.lse.storage_and_layout();
+        let (count_s, count_l) = self.saved.count.storage_and_layout();
+        let (Storage::Cpu(lse_s), Storage::Cpu(count_s)) = (&*lse_s, &*count_s) else {
+            return Err(shape_err(OP, "saved statistics are not on the CPU"));
+        };
+        let lse = cpu::contiguous::<T::A>(lse_s, lse_l)?;
+        let count = cpu::contiguous::<T::A>(count_s, count_l)?;
+        let n = targets.len();
+        let ok = lse.len() == n
+            && count.len() == 1
+            && match self.reduction {
+                Reduction::None => g.len() == n,
+                _ => g.len() == 1,
+            };
+        if !ok {
+            return Err(shape_err(
+                OP,
+                format!("backward of {n} rows got gradient of {} values", g.len()),
+            ));
+        }
+        let one = T::A::from_f64(1.0);
+        let c = count[0];
+        let denom = if c > one { c } else { one };
+        let coef = |i: usize| match self.reduction {
+            Reduction::None => g[i],
+            Reduction::Sum => g[0],
+            Reduction::Mean => g[0] / denom,
+        };
+        let d = cpu::bwd_rows(logits, vocab, targets, self.ignore_index, lse, &coef);
+        Ok(T::to_cpu_storage_owned(d))
+    }
+}
+
+impl CustomOp3 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "cross-entropy-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, v) = dims2(ll)?;
+        let targets = cpu::targets_i64(ts, tl)?;
+        let d = match ls {
+            CpuStorage::F32(_) => self.cpu_t(
+                cpu::contiguous::<f32>(ls, ll)?,
+                v,
+                &targets,
+                cpu::contiguous(gs, gl)?,
+            ),
+            CpuStorage::F64(_) => self.cpu_t(
+                cpu::contiguous::<f64>(ls, ll)?,
+                v,
+                &targets,
+                cpu::contiguous(gs, gl)?,
+            ),
+            CpuStorage::BF16(_) => self.cpu_t(
+                cpu::contiguous::<half::bf16>(ls, ll)?,
+                v,
+                &targets,
+                cpu::contiguous(gs, gl)?,
+            ),
+            CpuStorage::F16(_) => self.cpu_t(
+                cpu::contiguous::<half::f16>(ls, ll)?,
+                v,
+                &targets,
+                cpu::contiguous(gs, gl)?,
+            ),
+            other => Err(crate::OpError::DType {
+                op: OP,
+                dtype: other.dtype(),
+            }
+            .into()),
+        }?;
+        Ok((d, ll.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+        ts: &candle_core::CudaStorage,
+        tl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = cuda::bwd(
+            ls,
+            ll,
+            ts,
+            tl,
+            gs,
+            gl,
+            &self.saved,
+            self.ignore_index,
+            self.reduction,
+        )?;
+        Ok((d, ll.shape().clone()))
+    }
 }

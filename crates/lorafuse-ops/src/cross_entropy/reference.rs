@@ -15,7 +15,11 @@ pub fn cross_entropy_reference(
     if targets.dims() != [n] {
         return Err(shape_err(
             "cross_entropy",
-            format!("logits {:?} need targets [{n}], got {:?}", logits.dims(), targets.dims()),
+            format!(
+                "logits {:?} need targets [{n}], got {:?}",
+                logits.dims(),
+                targets.dims()
+            ),
         ));
     }
     let lf = logits.to_dtype(DType::F32)?;

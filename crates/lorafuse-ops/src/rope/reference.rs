@@ -5,7 +5,12 @@ use crate::error::shape_err;
 use candle_core::{Result, Tensor, D};
 
 /// Rotates pairs of `x` (`[b, h, t, d]`) by `cos`/`sin` (`[t, d/2]`).
-pub fn rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: RopeLayout) -> Result<Tensor> {
+pub fn rope_reference(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    layout: RopeLayout,
+) -> Result<Tensor> {
     let (_b, _h, t, d) = x.dims4()?;
     if d % 2 != 0 || cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
         return Err(shape_err(

@@ -1,6 +1,7 @@
 //! Model definitions. Models never mention LoRA: their projections are [`linear::LinearSlot`]s that
 //! `lora::apply_lora` replaces by module path.
 
+pub mod bert;
 pub mod linear;
 pub mod llama;
 

@@ -1,0 +1,111 @@
+//! `lorafuse embed`: sentence embeddings of texts given on the command line or in a file.
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use lorafuse::embed::{EmbedOptions, Embedder, Prefix};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// The E5-style instruction prefix put in front of every input.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefixArg {
+    /// `query: `
+    Query,
+    /// `passage: `
+    Passage,
+}
+
+/// Embed sentences with a sentence-transformers model (BERT family: all-MiniLM, BGE, E5).
+#[derive(Args, Debug)]
+pub struct EmbedArgs {
+    /// A sentence-transformers model folder (modules.json, config.json, model.safetensors,
+    /// tokenizer.json, 1_Pooling/config.json).
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// A text to embed; repeat for several.
+    #[arg(long, short = 't', conflicts_with = "input")]
+    pub text: Vec<String>,
+    /// A file of texts: .jsonl with one {"text": ...} per line, or plain text with one per line.
+    #[arg(long, short = 'i')]
+    pub input: Option<PathBuf>,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = EmbedOptions::default().batch_size)]
+    pub batch_size: usize,
+    /// Keep input order inside batches instead of grouping texts of similar length (output order
+    /// is the input order either way).
+    #[arg(long)]
+    pub no_sort: bool,
+    /// Print {"embeddings": [[...], ...]} instead of one line of numbers per text.
+    #[arg(long)]
+    pub json: bool,
+    /// Put E5's `query: ` or `passage: ` in front of every text.
+    #[arg(long, value_enum)]
+    pub prefix: Option<PrefixArg>,
+    /// cpu, cuda, cuda:N, metal, or auto (the best available).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute dtype: f32, bf16 or f16 (vectors are printed as f32 either way).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Kernels: fused (default) or reference (stock Candle ops, for debugging and A/B timing).
+    #[arg(long, value_parser = ["fused", "reference"])]
+    pub kernels: Option<String>,
+}
+
+/// Runs `lorafuse embed`.
+pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
+    let texts: Vec<String> = match &args.input {
+        Some(path) => lorafuse::embed::read_texts(path)?,
+        None => args.text.clone(),
+    };
+    if texts.is_empty() {
+        match &args.input {
+            Some(path) => bail!("{}: no texts to embed", path.display()),
+            None => bail!("nothing to embed: give --text TEXT (repeatable) or --input FILE"),
+        }
+    }
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    match args.kernels.as_deref() {
+        Some("reference") => lorafuse_ops::set_kernel_mode(lorafuse_ops::KernelMode::Reference),
+        Some(_) => lorafuse_ops::set_kernel_mode(lorafuse_ops::KernelMode::Fused),
+        None => {}
+    }
+    let device = lorafuse::device::parse_device(Some(&args.device))?;
+    let dtype = lorafuse::device::parse_dtype(&args.dtype)?;
+    eprintln!(
+        "device: {}, dtype: {}, kernels: {:?}",
+        lorafuse::device::device_name(&device),
+        args.dtype,
+        lorafuse_ops::kernel_mode()
+    );
+    let embedder = Embedder::load(&args.model, &device, dtype)
+        .with_context(|| format!("loading {}", args.model.display()))?
+        .with_options(EmbedOptions {
+            batch_size: args.batch_size,
+            sort_by_length: !args.no_sort,
+            prefix: args.prefix.map(|p| {
+                match p {
+                    PrefixArg::Query => Prefix::Query,
+                    PrefixArg::Passage => Prefix::Passage,
+                }
+                .as_str()
+                .to_owned()
+            }),
+        });
+    let vectors = embedder.encode(&texts)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if args.json {
+        serde_json::to_writer(&mut out, &serde_json::json!({ "embeddings": vectors }))?;
+        writeln!(out)?;
+    } else {
+        for v in &vectors {
+            let line: Vec<String> = v.iter().map(|x| format!("{x:.7}")).collect();
+            writeln!(out, "{}", line.join(" "))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! One module per subcommand; shared model options in `common`.
+
+pub mod common;
+pub mod generate;
+pub mod perplexity;

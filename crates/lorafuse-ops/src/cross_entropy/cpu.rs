@@ -1,0 +1,190 @@
+//! CPU kernels: one rayon task per row; each row is read once in the forward (online
+//! logsumexp: running max and rescaled running sum) and once in the backward (softmax from the
+//! saved logsumexp, minus the one-hot, times the row's gradient coefficient).
+//!
+//! Accumulation is f32 for f32/bf16/f16 logits and f64 for f64 logits (so that finite-difference
+//! tests in f64 see f64 precision).
+
+use super::OP;
+use crate::error::shape_err;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, WithDType};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::ops::{Add, Div, Mul, Sub};
+
+/// The accumulator type: f32 or f64.
+pub(super) trait Acc:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + WithDType
+{
+    const NEG_INF: Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+}
+
+impl Acc for f32 {
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+}
+
+impl Acc for f64 {
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+}
+
+/// A logits element and its accumulator.
+pub(super) trait Elem: WithDType {
+    type A: Acc;
+    fn load(self) -> Self::A;
+    fn store(a: Self::A) -> Self;
+}
+
+macro_rules! elem {
+    ($t:ty, $a:ty, $load:expr, $store:expr) => {
+        impl Elem for $t {
+            type A = $a;
+            #[inline(always)]
+            fn load(self) -> $a {
+                $load(self)
+            }
+            #[inline(always)]
+            fn store(a: $a) -> Self {
+                $store(a)
+            }
+        }
+    };
+}
+elem!(f32, f32, |x| x, |a| a);
+elem!(f64, f64, |x| x, |a| a);
+elem!(bf16, f32, bf16::to_f32, bf16::from_f32);
+elem!(f16, f32, f16::to_f32, f16::from_f32);
+
+/// The contiguous slice of `T` that `l` describes.
+pub(super) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| shape_err(OP, format!("operand {:?} must be contiguous", l.dims())))?;
+    Ok(&s.as_slice::<T>()?[start..end])
+}
+
+/// Targets as i64, whatever integer dtype they came in.
+pub(super) fn targets_i64(s: &CpuStorage, l: &Layout) -> Result<Vec<i64>> {
+    Ok(match s {
+        CpuStorage::I64(_) => contiguous::<i64>(s, l)?.to_vec(),
+        CpuStorage::U32(_) => contiguous::<u32>(s, l)?.iter().map(|&t| t as i64).collect(),
+        CpuStorage::I32(_) => contiguous::<i32>(s, l)?.iter().map(|&t| t as i64).collect(),
+        CpuStorage::U8(_) => contiguous::<u8>(s, l)?.iter().map(|&t| t as i64).collect(),
+        other => {
+            return Err(crate::OpError::DType {
+                op: OP,
+                dtype: other.dtype(),
+            }
+            .into())
+        }
+    })
+}
+
+/// Checks every target is `ignore` or a vocabulary index; returns the number of counted rows.
+pub(super) fn check_targets(targets: &[i64], vocab: usize, ignore: i64) -> Result<usize> {
+    let mut count = 0;
+    for (i, &t) in targets.iter().enumerate() {
+        if t == ignore {
+            continue;
+        }
+        if t < 0 || t as usize >= vocab {
+            return Err(shape_err(
+                OP,
+                format!("target {t} at row {i} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// `logsumexp` of a row in one pass.
+#[inline]
+fn row_lse<T: Elem>(row: &[T]) -> T::A {
+    let zero = T::A::from_f64(0.0);
+    let one = T::A::from_f64(1.0);
+    let (mut m, mut s) = (T::A::NEG_INF, zero);
+    for &x in row {
+        let x = x.load();
+        if x > m {
+            s = s * (m - x).exp() + one;
+            m = x;
+        } else if x > T::A::NEG_INF {
+            s += (x - m).exp();
+        }
+    }
+    m + s.ln()
+}
+
+/// Per-row `(loss, lse)`; ignored rows get loss 0 (their lse is still computed: cheap, and keeps
+/// the backward's indexing uniform).
+pub(super) fn fwd_rows<T: Elem>(
+    logits: &[T],
+    vocab: usize,
+    targets: &[i64],
+    ignore: i64,
+) -> (Vec<T::A>, Vec<T::A>) {
+    let zero = T::A::from_f64(0.0);
+    logits
+        .par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            if t == ignore {
+                return (zero, zero);
+            }
+            let lse = row_lse(row);
+            (lse - row[t as usize].load(), lse)
+        })
+        .unzip()
+}
+
+/// `dlogits = (softmax - onehot) * coef[row]`, zero for ignored rows.
+pub(super) fn bwd_rows<T: Elem>(
+    logits: &[T],
+    vocab: usize,
+    targets: &[i64],
+    ignore: i64,
+    lse: &[T::A],
+    coef: &(dyn Fn(usize) -> T::A + Sync),
+) -> Vec<T> {
+    let zero = T::store(T::A::from_f64(0.0));
+    let mut out = vec![zero; logits.len()];
+    out.par_chunks_mut(vocab)
+        .zip(logits.par_chunks(vocab))
+        .enumerate()
+        .for_each(|(i, (d, row))| {
+            let t = targets[i];
+            if t == ignore {
+                return;
+            }
+            let (l, c) = (lse[i], coef(i));
+            for (dj, &x) in d.iter_mut().zip(row) {
+                *dj = T::store((x.load() - l).exp() * c);
+            }
+            let t = t as usize;
+            d[t] = T::store((row[t].load() - l).exp() * c - c);
+        });
+    out
+}

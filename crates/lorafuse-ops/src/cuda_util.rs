@@ -1,0 +1,228 @@
+//! Shared CUDA plumbing for every fused op: the PTX modules that `build.rs` compiles from
+//! `src/<op>/<op>.cu`, kernel lookup with per-device caching, device-buffer helpers and launch
+//! shapes.
+//!
+//! Kernels are loaded through `CudaDevice::get_or_load_custom_func`, which caches the loaded
+//! module per device **by module name** (the first PTX loaded under a name wins), so each
+//! [`PtxModule`] carries a crate-unique name (`lorafuse_<stem>`) and is compiled once per device,
+//! never per call. Every launch goes on the device's own stream ([`Kernel::builder`]), so fused
+//! ops order correctly with Candle's own kernels without extra synchronisation.
+//!
+//! Typical use inside a `cuda_fwd`:
+//! ```ignore
+//! const MODULE: PtxModule = ptx_module!("rms_norm");
+//! let x = cuda_util::contiguous_view::<f32>(storage, layout, "rms_norm")?;
+//! let out = cuda_util::alloc::<f32>(dev, n)?;
+//! let k = MODULE.kernel(dev, &cuda_util::kernel_name("rms_norm_fwd", DType::F32, "rms_norm")?)?;
+//! let mut b = k.builder();
+//! b.arg(&x).arg(&out).arg(&n_cols_i32);
+//! // SAFETY: argument list matches the kernel's signature; buffers hold n_rows * n_cols elements.
+//! unsafe { b.launch(cuda_util::row_launch(n_rows, n_cols)) }.map_err(cuda_util::driver_err("rms_norm"))?;
+//! ```
+
+// Not every op uses every helper; the set is the shared API, kept whole.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, DriverError, LaunchArgs,
+    LaunchConfig, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+
+use crate::error::OpError;
+
+/// A PTX module compiled by `build.rs` from `src/<stem>/<stem>.cu`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PtxModule {
+    /// Crate-unique module name, the key of Candle's per-device module cache.
+    pub name: &'static str,
+    /// The PTX text, embedded at compile time.
+    pub ptx: &'static str,
+}
+
+/// `ptx_module!("rms_norm")`: the module compiled from `src/rms_norm/rms_norm.cu`, cached under
+/// `lorafuse_rms_norm`.
+macro_rules! ptx_module {
+    ($stem:literal) => {
+        $crate::cuda_util::PtxModule {
+            name: concat!("lorafuse_", $stem),
+            ptx: include_str!(concat!(env!("OUT_DIR"), "/", $stem, ".ptx")),
+        }
+    };
+}
+pub(crate) use ptx_module;
+
+/// A loaded kernel bound to the device's stream.
+pub(crate) struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    /// A launch builder on the device's own stream; push arguments in the kernel's order.
+    pub fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+impl PtxModule {
+    /// Looks `fn_name` up in this module, loading the module on `dev` the first time.
+    pub fn kernel(&self, dev: &CudaDevice, fn_name: &str) -> Result<Kernel> {
+        let func = dev
+            .get_or_load_custom_func(fn_name, self.name, self.ptx)?
+            .into_cuda_function();
+        Ok(Kernel {
+            func,
+            stream: dev.cuda_stream(),
+        })
+    }
+
+    /// The kernel `<base>_<dtype>` (e.g. `rms_norm_fwd_bf16`), with a typed error for a dtype
+    /// the module has no kernel for.
+    pub fn kernel_for(
+        &self,
+        dev: &CudaDevice,
+        base: &str,
+        dtype: DType,
+        op: &'static str,
+    ) -> Result<Kernel> {
+        self.kernel(dev, &kernel_name(base, dtype, op)?)
+    }
+}
+
+/// The suffix our kernels use for `dtype`: `f32`, `bf16` or `f16`; an [`OpError::DType`] otherwise.
+pub(crate) fn dtype_suffix(dtype: DType, op: &'static str) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        dtype => Err(OpError::DType { op, dtype }.into()),
+    }
+}
+
+/// `<base>_<suffix>`, the naming rule shared by the `.cu` and `.metal` sources.
+pub(crate) fn kernel_name(base: &str, dtype: DType, op: &'static str) -> Result<String> {
+    Ok(format!("{base}_{}", dtype_suffix(dtype, op)?))
+}
+
+/// True when `dtype` has CUDA kernels (f32, bf16, f16): dispatch falls back to the reference else.
+pub(crate) fn supported_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// The contiguous data of a tensor argument as a typed view starting at its first element; an
+/// [`OpError::Kernel`] names the op when the layout is strided (callers make inputs contiguous).
+pub(crate) fn contiguous_view<'a, T: CudaDType>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    op: &'static str,
+) -> Result<CudaView<'a, T>> {
+    let slice = storage.as_cuda_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(slice.slice(start..end)),
+        None => Err(OpError::Kernel {
+            op,
+            msg: format!(
+                "expects a contiguous input, got shape {:?} stride {:?}",
+                layout.dims(),
+                layout.stride()
+            ),
+        }
+        .into()),
+    }
+}
+
+/// An uninitialised device buffer of `len` elements, for outputs every element of which the
+/// kernel writes.
+pub(crate) fn alloc<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: the buffer is uninitialised; callers pass it only to kernels that write every
+    // element before anything reads it.
+    unsafe { dev.alloc::<T>(len) }
+}
+
+/// A zero-filled device buffer of `len` elements (accumulators, atomics targets).
+pub(crate) fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    len: usize,
+) -> Result<CudaSlice<T>> {
+    dev.alloc_zeros::<T>(len)
+}
+
+/// Wraps a device buffer as Candle storage on `dev`.
+pub(crate) fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(slice, dev.clone())
+}
+
+/// Maps a driver error from a launch into the crate's error, naming the op.
+pub(crate) fn driver_err(op: &'static str) -> impl Fn(DriverError) -> candle_core::Error {
+    move |e| {
+        OpError::Kernel {
+            op,
+            msg: format!("kernel launch failed: {e}"),
+        }
+        .into()
+    }
+}
+
+/// Converts a size to the `int` our kernels take, erroring (not wrapping) past `i32::MAX`.
+pub(crate) fn to_i32(n: usize, what: &str, op: &'static str) -> Result<i32> {
+    i32::try_from(n).map_err(|_| {
+        OpError::Kernel {
+            op,
+            msg: format!("{what} = {n} exceeds the kernel's 32-bit index range"),
+        }
+        .into()
+    })
+}
+
+/// Threads per block for a row-wise kernel (one block per row): enough threads to cover a row
+/// with 4-wide vector loads, a whole number of warps, at least one warp and at most 1024.
+pub(crate) fn row_block_size(n_cols: usize) -> u32 {
+    let per_thread = 4usize;
+    let want = n_cols.div_ceil(per_thread).next_power_of_two();
+    want.clamp(32, 1024) as u32
+}
+
+/// One block per row ([`row_block_size`] threads), `shared_mem_bytes` of dynamic shared memory.
+pub(crate) fn row_launch(n_rows: usize, n_cols: usize, shared_mem_bytes: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n_rows.max(1) as u32, 1, 1),
+        block_dim: (row_block_size(n_cols), 1, 1),
+        shared_mem_bytes,
+    }
+}
+
+/// A grid-stride elementwise launch over `n` elements: 256 threads a block and at most enough
+/// blocks to fill the card a few times over (the kernel loops for the rest).
+pub(crate) fn elementwise_launch(n: usize) -> LaunchConfig {
+    const THREADS: usize = 256;
+    const MAX_BLOCKS: usize = 65_535;
+    let blocks = n.div_ceil(THREADS).clamp(1, MAX_BLOCKS);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// How `column_partial_sums` (in `cuda_util.cuh`) splits `rows` into chunks: at least 32 rows a
+/// chunk and at most 256 chunks, so a gradient reduction keeps the card busy without a huge
+/// partial buffer. Returns `(rows_per_chunk, n_chunks)`.
+pub(crate) fn column_chunks(rows: usize) -> (usize, usize) {
+    const MAX_CHUNKS: usize = 256;
+    let rows_per_chunk = rows.div_ceil(MAX_CHUNKS).max(32);
+    (rows_per_chunk, rows.div_ceil(rows_per_chunk).max(1))
+}
+
+/// Launch shape of a `column_partial_sums` kernel: 32 x 8 threads, one block per 32 columns and
+/// row chunk.
+pub(crate) fn column_partial_launch(n_cols: usize, n_chunks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n_cols.div_ceil(32).max(1) as u32, n_chunks.max(1) as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    }
+}

@@ -1,0 +1,170 @@
+//! LayerNorm CUDA launchers for the kernels in `layer_norm.cu`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
+use half::{bf16, f16};
+
+use crate::cpu_util::layout_rows_cols;
+use crate::cuda_util::{self, ptx_module, PtxModule};
+use crate::error::OpError;
+
+const MODULE: PtxModule = ptx_module!("layer_norm");
+const OP: &str = "layer_norm";
+
+type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
+/// `y = (x - mean) * rstd * w (+ b)`, one block per row.
+pub(super) fn fwd(eps: f32, x: Arg, w: Arg, b: Option<Arg>) -> Result<CudaStorage> {
+    match x.0.dtype() {
+        DType::F32 => fwd_t::<f32>(eps, x, w, b),
+        DType::BF16 => fwd_t::<bf16>(eps, x, w, b),
+        DType::F16 => fwd_t::<f16>(eps, x, w, b),
+        dtype => Err(OpError::DType { op: OP, dtype }.into()),
+    }
+}
+
+fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
+    eps: f32,
+    (x, xl): Arg,
+    (w, wl): Arg,
+    b: Option<Arg>,
+) -> Result<CudaStorage> {
+    let dev = &x.device;
+    let (rows, n) = layout_rows_cols(xl);
+    let xv = cuda_util::contiguous_view::<T>(x, xl, OP)?;
+    let wv = cuda_util::contiguous_view::<T>(w, wl, OP)?;
+    // Without a bias the kernel never reads the pointer; the weight stands in for it.
+    let (bv, has_bias) = match b {
+        Some((b, bl)) => (cuda_util::contiguous_view::<T>(b, bl, OP)?, 1i32),
+        None => (cuda_util::contiguous_view::<T>(w, wl, OP)?, 0i32),
+    };
+    let y = cuda_util::alloc::<T>(dev, rows * n)?;
+    let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
+    let k = MODULE.kernel_for(dev, "layer_norm_fwd", T::DTYPE, OP)?;
+    let mut bld = k.builder();
+    bld.arg(&xv)
+        .arg(&wv)
+        .arg(&bv)
+        .arg(&has_bias)
+        .arg(&y)
+        .arg(&n_i)
+        .arg(&eps);
+    // SAFETY: matches `layer_norm_fwd_*(x, w, b, int has_bias, y, int n, float eps)`; x and y
+    // hold rows * n elements, w and b n; one block per row.
+    unsafe { bld.launch(cuda_util::row_launch(rows, n, 0)) }.map_err(cuda_util::driver_err(OP))?;
+    Ok(cuda_util::wrap(y, dev))
+}
+
+/// `[dx; dw?; db?]` packed as `[rows + want_dw + want_db, n]`.
+pub(super) fn bwd(eps: f32, want: (bool, bool), x: Arg, w: Arg, dy: Arg) -> Result<CudaStorage> {
+    match x.0.dtype() {
+        DType::F32 => bwd_t::<f32>(eps, want, x, w, dy),
+        DType::BF16 => bwd_t::<bf16>(eps, want, x, w, dy),
+        DType::F16 => bwd_t::<f16>(eps, want, x, w, dy),
+        dtype => Err(OpError::DType { op: OP, dtype }.into()),
+    }
+}
+
+fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
+    eps: f32,
+    (want_dw, want_db): (bool, bool),
+    (x, xl): Arg,
+    (w, wl): Arg,
+    (dy, dyl): Arg,
+) -> Result<CudaStorage> {
+    let dev = &x.device;
+    let (rows, n) = layout_rows_cols(xl);
+    let xv = cuda_util::contiguous_view::<T>(x, xl, OP)?;
+    let wv = cuda_util::contiguous_view::<T>(w, wl, OP)?;
+    let dyv = cuda_util::contiguous_view::<T>(dy, dyl, OP)?;
+    let extra = usize::from(want_dw) + usize::from(want_db);
+    let mut out = cuda_util::alloc::<T>(dev, (rows + extra) * n)?;
+    let stats = cuda_util::alloc::<f32>(dev, 2 * rows.max(1))?;
+    let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
+    {
+        let k = MODULE.kernel_for(dev, "layer_norm_bwd", T::DTYPE, OP)?;
+        let mut b = k.builder();
+        b.arg(&xv)
+            .arg(&wv)
+            .arg(&dyv)
+            .arg(&out)
+            .arg(&stats)
+            .arg(&n_i)
+            .arg(&eps);
+        // SAFETY: matches `layer_norm_bwd_*(x, w, dy, dx, float2* stats, n, eps)`; out holds at
+        // least rows * n elements, stats two f32 per row; one block per row.
+        unsafe { b.launch(cuda_util::row_launch(rows, n, 0)) }
+            .map_err(cuda_util::driver_err(OP))?;
+    }
+    let mut next = rows;
+    if want_dw {
+        column_sum::<T>(
+            dev,
+            "layer_norm_bwd_dw",
+            &xv,
+            &dyv,
+            Some(&stats),
+            (rows, n),
+            &mut out,
+            next,
+        )?;
+        next += 1;
+    }
+    if want_db {
+        column_sum::<T>(
+            dev,
+            "layer_norm_bwd_db",
+            &xv,
+            &dyv,
+            None,
+            (rows, n),
+            &mut out,
+            next,
+        )?;
+    }
+    Ok(cuda_util::wrap(out, dev))
+}
+
+/// Runs one parameter-gradient column reduction (`_dw` with the row stats, `_db` without) and
+/// writes its result into row `dst_row` of `out`.
+#[allow(clippy::too_many_arguments)]
+fn column_sum<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    base: &str,
+    xv: &CudaView<T>,
+    dyv: &CudaView<T>,
+    stats: Option<&CudaSlice<f32>>,
+    (rows, n): (usize, usize),
+    out: &mut CudaSlice<T>,
+    dst_row: usize,
+) -> Result<()> {
+    let (rows_per_chunk, n_chunks) = cuda_util::column_chunks(rows);
+    let partial = cuda_util::alloc::<f32>(dev, n_chunks * n)?;
+    let rows_i = cuda_util::to_i32(rows, "rows", OP)?;
+    let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
+    let rpc_i = cuda_util::to_i32(rows_per_chunk, "rows per chunk", OP)?;
+    let chunks_i = cuda_util::to_i32(n_chunks, "chunks", OP)?;
+    {
+        let k = MODULE.kernel_for(dev, base, T::DTYPE, OP)?;
+        let mut b = k.builder();
+        if let Some(stats) = stats {
+            b.arg(xv).arg(dyv).arg(stats);
+        } else {
+            b.arg(dyv);
+        }
+        b.arg(&partial).arg(&rows_i).arg(&n_i).arg(&rpc_i);
+        // SAFETY: matches `layer_norm_bwd_dw_*(x, dy, stats, partial, rows, n, rpc)` or
+        // `layer_norm_bwd_db_*(dy, partial, rows, n, rpc)`; partial holds n_chunks * n floats.
+        unsafe { b.launch(cuda_util::column_partial_launch(n, n_chunks)) }
+            .map_err(cuda_util::driver_err(OP))?;
+    }
+    let mut dst = out.slice_mut(dst_row * n..(dst_row + 1) * n);
+    let k = MODULE.kernel_for(dev, "layer_norm_bwd_finish", T::DTYPE, OP)?;
+    let mut b = k.builder();
+    b.arg(&partial).arg(&mut dst).arg(&n_i).arg(&chunks_i);
+    // SAFETY: matches `layer_norm_bwd_finish_*(partial, out, n, n_chunks)`; dst is one row of n.
+    unsafe { b.launch(cuda_util::elementwise_launch(n)) }.map_err(cuda_util::driver_err(OP))?;
+    Ok(())
+}

@@ -1,0 +1,179 @@
+// LayerNorm forward and backward over the last dimension of a contiguous [rows, n] tensor.
+//
+//   y  = (x - mean) * rstd * w + b,          rstd = 1 / sqrt(mean((x - mean)^2) + eps)
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),   g = dy * w, xhat = (x - mean) * rstd
+//   dw = sum over rows of dy * xhat,  db = sum over rows of dy
+//
+// Design choices:
+// - One block per row, 16-byte vector loads where possible, f32 statistics.
+// - Two-pass statistics (mean, then the centred sum of squares) rather than E[x^2] - mean^2:
+//   BERT activations have large means relative to their spread, where the one-pass formula
+//   cancels catastrophically in f32; the second pass re-reads a row that is still in L1/L2.
+// - The forward stores nothing; the backward recomputes mean and rstd (writing them per row for
+//   the parameter-gradient kernels) and forms mean(g) and mean(g * xhat) in one fused reduction.
+// - dw and db are column reductions in two deterministic stages (see cuda_util.cuh), launched
+//   only for parameters that track gradients. Without a bias the host passes has_bias = 0 and a
+//   dummy (the weight) for the bias pointer.
+#include "cuda_util.cuh"
+
+using namespace lorafuse;
+
+// Mean then rstd of a row, two block reductions; every thread gets both.
+template <typename T>
+__device__ __forceinline__ float2 row_stats(const T* xr, int n, float eps, bool vec,
+                                            float* scratch) {
+  constexpr int V = Pack<T>::N;
+  float s = 0.f;
+  if (vec) {
+    for (int p = threadIdx.x; p < n / V; p += blockDim.x) {
+      float v[V];
+      load_pack(xr + p * V, v);
+#pragma unroll
+      for (int k = 0; k < V; ++k) s += v[k];
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += to_f(xr[i]);
+  }
+  const float mean = block_sum(s, scratch) / n;
+  float ss = 0.f;
+  if (vec) {
+    for (int p = threadIdx.x; p < n / V; p += blockDim.x) {
+      float v[V];
+      load_pack(xr + p * V, v);
+#pragma unroll
+      for (int k = 0; k < V; ++k) ss += (v[k] - mean) * (v[k] - mean);
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const float c = to_f(xr[i]) - mean;
+      ss += c * c;
+    }
+  }
+  const float rstd = rsqrtf(block_sum(ss, scratch) / n + eps);
+  return make_float2(mean, rstd);
+}
+
+template <typename T>
+__device__ __forceinline__ void layer_norm_fwd_impl(const T* __restrict__ x,
+                                                    const T* __restrict__ w,
+                                                    const T* __restrict__ b, bool has_bias,
+                                                    T* __restrict__ y, int n, float eps) {
+  __shared__ float scratch[32];
+  constexpr int V = Pack<T>::N;
+  const T* xr = x + (size_t)blockIdx.x * n;
+  T* yr = y + (size_t)blockIdx.x * n;
+  const bool vec = n % V == 0 && aligned16(xr) && aligned16(yr) && aligned16(w) && aligned16(b);
+  const float2 st = row_stats(xr, n, eps, vec, scratch);
+  if (vec) {
+    for (int p = threadIdx.x; p < n / V; p += blockDim.x) {
+      float xv[V], wv[V], bv[V];
+      load_pack(xr + p * V, xv);
+      load_pack(w + p * V, wv);
+      if (has_bias) {
+        load_pack(b + p * V, bv);
+      } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) bv[k] = 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < V; ++k) xv[k] = (xv[k] - st.x) * st.y * wv[k] + bv[k];
+      store_pack(yr + p * V, xv);
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const float bias = has_bias ? to_f(b[i]) : 0.f;
+      yr[i] = from_f<T>((to_f(xr[i]) - st.x) * st.y * to_f(w[i]) + bias);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void layer_norm_bwd_impl(const T* __restrict__ x,
+                                                    const T* __restrict__ w,
+                                                    const T* __restrict__ dy, T* __restrict__ dx,
+                                                    float2* __restrict__ stats_out, int n,
+                                                    float eps) {
+  __shared__ float scratch[32];
+  __shared__ float2 scratch2[32];
+  constexpr int V = Pack<T>::N;
+  const size_t off = (size_t)blockIdx.x * n;
+  const T* xr = x + off;
+  const T* gr = dy + off;
+  T* dxr = dx + off;
+  const bool vec = n % V == 0 && aligned16(xr) && aligned16(gr) && aligned16(dxr) && aligned16(w);
+  const float2 st = row_stats(xr, n, eps, vec, scratch);
+  const float mean = st.x, rstd = st.y;
+  float sg = 0.f, sgx = 0.f;
+  if (vec) {
+    for (int p = threadIdx.x; p < n / V; p += blockDim.x) {
+      float xv[V], wv[V], gv[V];
+      load_pack(xr + p * V, xv);
+      load_pack(w + p * V, wv);
+      load_pack(gr + p * V, gv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float g = gv[k] * wv[k];
+        sg += g;
+        sgx += g * (xv[k] - mean) * rstd;
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const float g = to_f(gr[i]) * to_f(w[i]);
+      sg += g;
+      sgx += g * (to_f(xr[i]) - mean) * rstd;
+    }
+  }
+  const float2 sums = block_sum2(sg, sgx, scratch2);
+  const float mg = sums.x / n, mgx = sums.y / n;
+  if (threadIdx.x == 0) stats_out[blockIdx.x] = st;
+  if (vec) {
+    for (int p = threadIdx.x; p < n / V; p += blockDim.x) {
+      float xv[V], wv[V], gv[V];
+      load_pack(xr + p * V, xv);
+      load_pack(w + p * V, wv);
+      load_pack(gr + p * V, gv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        xv[k] = rstd * (gv[k] * wv[k] - mg - (xv[k] - mean) * rstd * mgx);
+      }
+      store_pack(dxr + p * V, xv);
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const float g = to_f(gr[i]) * to_f(w[i]);
+      dxr[i] = from_f<T>(rstd * (g - mg - (to_f(xr[i]) - mean) * rstd * mgx));
+    }
+  }
+}
+
+#define LAYER_NORM_KERNELS(T, S)                                                                 \
+  extern "C" __global__ void layer_norm_fwd_##S(const T* x, const T* w, const T* b,              \
+                                                int has_bias, T* y, int n, float eps) {          \
+    layer_norm_fwd_impl<T>(x, w, b, has_bias != 0, y, n, eps);                                   \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_bwd_##S(const T* x, const T* w, const T* dy, T* dx,      \
+                                                float2* stats, int n, float eps) {               \
+    layer_norm_bwd_impl<T>(x, w, dy, dx, stats, n, eps);                                         \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_bwd_dw_##S(const T* x, const T* dy, const float2* stats, \
+                                                   float* partial, int rows, int n,              \
+                                                   int rows_per_chunk) {                         \
+    column_partial_sums(                                                                         \
+        [=](int r, int c) {                                                                      \
+          const size_t i = (size_t)r * n + c;                                                    \
+          return to_f(dy[i]) * (to_f(x[i]) - stats[r].x) * stats[r].y;                           \
+        },                                                                                       \
+        partial, rows, n, rows_per_chunk);                                                       \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_bwd_db_##S(const T* dy, float* partial, int rows, int n, \
+                                                   int rows_per_chunk) {                         \
+    column_partial_sums([=](int r, int c) { return to_f(dy[(size_t)r * n + c]); }, partial,     \
+                        rows, n, rows_per_chunk);                                                \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_bwd_finish_##S(const float* partial, T* out, int n,      \
+                                                       int n_chunks) {                           \
+    column_finish<T>(partial, out, n, n_chunks);                                                 \
+  }
+
+LORAFUSE_FOR_DTYPES(LAYER_NORM_KERNELS)

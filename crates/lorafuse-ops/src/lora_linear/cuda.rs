@@ -1,0 +1,30 @@
+//! CUDA: Candle's cuBLAS GEMMs through the generic engine, epilogue from elementwise ops.
+
+use super::engine::{epilogue_ops, EngineStorage};
+use super::OP;
+use crate::error::shape_err;
+use candle_core::{CudaStorage, Layout, Result, Storage};
+
+impl EngineStorage for CudaStorage {
+    fn pick(s: &Storage) -> Result<&Self> {
+        match s {
+            Storage::Cuda(s) => Ok(s),
+            _ => Err(shape_err(OP, "weights are on another device than the input")),
+        }
+    }
+
+    fn wrap(self) -> Storage {
+        Storage::Cuda(self)
+    }
+
+    fn epilogue(
+        y: Self,
+        c0: f64,
+        low: Option<(&Self, f64)>,
+        bias: Option<(&Self, &Layout)>,
+        rows: usize,
+        n: usize,
+    ) -> Result<Self> {
+        epilogue_ops(y, c0, low, bias, rows, n)
+    }
+}

@@ -1,0 +1,111 @@
+// Softmax over the last dimension of a contiguous [rows, n] tensor, forward and backward.
+//
+//   y  = exp(x - max) / sum(exp(x - max))
+//   dx = y * (dy - sum(dy * y))
+//
+// Design choices:
+// - One block per row, 16-byte vector loads where the row length and alignment allow.
+// - Forward is "online": each thread keeps a running (max, sum of exp) over its elements in one
+//   read of x, the block combines the pairs (max first, then the rescaled sums), and a second
+//   read writes y. Two reads of x instead of the naive three.
+// - expf, not __expf: the argument x - max is <= 0 and can be large in magnitude, where the fast
+//   intrinsic's error grows with |x|; the kernel is bandwidth-bound so the accurate one is free.
+// - Backward needs only y (the forward's output, which autograd keeps anyway) and dy.
+#include "cuda_util.cuh"
+
+using namespace lorafuse;
+
+template <typename T>
+__device__ __forceinline__ void softmax_fwd_impl(const T* __restrict__ x, T* __restrict__ y,
+                                                 int n) {
+  __shared__ float scratch[32];
+  constexpr int V = Pack<T>::N;
+  const T* xr = x + (size_t)blockIdx.x * n;
+  T* yr = y + (size_t)blockIdx.x * n;
+  const bool vec = n % V == 0 && aligned16(xr) && aligned16(yr);
+  float m = -INFINITY, s = 0.f;
+  auto push = [&](float v) {
+    if (v > m) {
+      s = s * expf(m - v) + 1.f;
+      m = v;
+    } else {
+      s += expf(v - m);
+    }
+  };
+  if (vec) {
+    for (int p = threadIdx.x; p < n / V; p += blockDim.x) {
+      float v[V];
+      load_pack(xr + p * V, v);
+#pragma unroll
+      for (int k = 0; k < V; ++k) push(v[k]);
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) push(to_f(xr[i]));
+  }
+  const float row_max = block_max(m, scratch);
+  // A thread that saw no element has m = -inf and s = 0: contributes nothing.
+  const float mine = s == 0.f ? 0.f : s * expf(m - row_max);
+  const float inv = 1.f / block_sum(mine, scratch);
+  if (vec) {
+    for (int p = threadIdx.x; p < n / V; p += blockDim.x) {
+      float v[V];
+      load_pack(xr + p * V, v);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] = expf(v[k] - row_max) * inv;
+      store_pack(yr + p * V, v);
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      yr[i] = from_f<T>(expf(to_f(xr[i]) - row_max) * inv);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void softmax_bwd_impl(const T* __restrict__ y, const T* __restrict__ dy,
+                                                 T* __restrict__ dx, int n) {
+  __shared__ float scratch[32];
+  constexpr int V = Pack<T>::N;
+  const size_t off = (size_t)blockIdx.x * n;
+  const T* yr = y + off;
+  const T* gr = dy + off;
+  T* dxr = dx + off;
+  const bool vec = n % V == 0 && aligned16(yr) && aligned16(gr) && aligned16(dxr);
+  float dot = 0.f;
+  if (vec) {
+    for (int p = threadIdx.x; p < n / V; p += blockDim.x) {
+      float yv[V], gv[V];
+      load_pack(yr + p * V, yv);
+      load_pack(gr + p * V, gv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) dot += yv[k] * gv[k];
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) dot += to_f(yr[i]) * to_f(gr[i]);
+  }
+  dot = block_sum(dot, scratch);
+  if (vec) {
+    for (int p = threadIdx.x; p < n / V; p += blockDim.x) {
+      float yv[V], gv[V];
+      load_pack(yr + p * V, yv);
+      load_pack(gr + p * V, gv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) yv[k] = yv[k] * (gv[k] - dot);
+      store_pack(dxr + p * V, yv);
+    }
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      dxr[i] = from_f<T>(to_f(yr[i]) * (to_f(gr[i]) - dot));
+    }
+  }
+}
+
+#define SOFTMAX_KERNELS(T, S)                                                             \
+  extern "C" __global__ void softmax_fwd_##S(const T* x, T* y, int n) {                   \
+    softmax_fwd_impl<T>(x, y, n);                                                         \
+  }                                                                                       \
+  extern "C" __global__ void softmax_bwd_##S(const T* y, const T* dy, T* dx, int n) {     \
+    softmax_bwd_impl<T>(y, dy, dx, n);                                                    \
+  }
+
+LORAFUSE_FOR_DTYPES(SOFTMAX_KERNELS)

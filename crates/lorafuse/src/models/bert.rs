@@ -1,0 +1,381 @@
+//! The BERT encoder (all-MiniLM, BGE, E5), as Hugging Face transformers' `BertModel` computes it:
+//! word + position + token-type embeddings, then post-LayerNorm transformer layers with
+//! bidirectional attention under a padding mask. LayerNorm and softmax go through the fused ops of
+//! `lorafuse-ops`; every projection is a [`LinearSlot`] named by its checkpoint path so that
+//! adapters can take its place.
+
+use crate::error::read_json;
+use crate::models::linear::{Linear, LinearSlot};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+use std::path::Path;
+
+/// The activation between the two feed-forward projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HiddenAct {
+    /// `gelu` in transformers: the exact erf form.
+    Gelu,
+    /// `gelu_new` / `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    Relu,
+}
+
+/// A BERT encoder's shape and numerics, from `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: HiddenAct,
+}
+
+#[derive(Deserialize)]
+struct RawBertConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    max_position_embeddings: Option<usize>,
+    type_vocab_size: Option<usize>,
+    layer_norm_eps: Option<f64>,
+    hidden_act: Option<String>,
+    position_embedding_type: Option<String>,
+}
+
+impl BertConfig {
+    /// Reads a Hugging Face `config.json`; anything but `model_type: bert` with absolute position
+    /// embeddings is refused with the file and key named.
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let raw: serde_json::Value = read_json(path)?;
+        Self::from_value(raw, path)
+    }
+
+    /// Parses a config from JSON text; `origin` names it in errors.
+    pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
+        let raw: serde_json::Value = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: origin.to_path_buf(),
+            source,
+        })?;
+        Self::from_value(raw, origin)
+    }
+
+    fn from_value(value: serde_json::Value, path: &Path) -> Result<Self> {
+        // The architecture is checked before the fields so that a decoder's config reports
+        // "unsupported architecture" rather than a missing BERT key.
+        match value.get("model_type").and_then(|v| v.as_str()) {
+            Some("bert") => {}
+            Some(other) => {
+                return Err(Error::Architecture {
+                    path: path.to_path_buf(),
+                    arch: format!("model_type: {other}"),
+                    supported: "bert",
+                })
+            }
+            None => {
+                return Err(Error::key(
+                    path,
+                    "model_type",
+                    "missing (expected \"bert\")",
+                ))
+            }
+        }
+        let raw: RawBertConfig = serde_json::from_value(value).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if let Some(kind) = raw.position_embedding_type.as_deref() {
+            if kind != "absolute" {
+                return Err(Error::key(
+                    path,
+                    "position_embedding_type",
+                    format!("`{kind}` is not supported (only absolute)"),
+                ));
+            }
+        }
+        if raw.num_attention_heads == 0 || raw.hidden_size % raw.num_attention_heads != 0 {
+            return Err(Error::key(
+                path,
+                "num_attention_heads",
+                format!(
+                    "{} does not divide hidden_size {}",
+                    raw.num_attention_heads, raw.hidden_size
+                ),
+            ));
+        }
+        let hidden_act = match raw.hidden_act.as_deref().unwrap_or("gelu") {
+            "gelu" => HiddenAct::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => HiddenAct::GeluTanh,
+            "relu" => HiddenAct::Relu,
+            other => {
+                return Err(Error::key(
+                    path,
+                    "hidden_act",
+                    format!("`{other}` is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu)"),
+                ))
+            }
+        };
+        Ok(BertConfig {
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: raw.num_attention_heads,
+            intermediate_size: raw.intermediate_size,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(512),
+            type_vocab_size: raw.type_vocab_size.unwrap_or(2),
+            layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-12),
+            hidden_act,
+        })
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// LayerNorm with gain and bias, through `lorafuse_ops::layer_norm`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    fn load(vb: &VarBuilder, dim: usize, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        lorafuse_ops::layer_norm(x, &self.weight, Some(&self.bias), self.eps)
+    }
+}
+
+/// Word, position and token-type embeddings, summed and normalised.
+#[derive(Debug)]
+pub struct BertEmbeddings {
+    word: candle_nn::Embedding,
+    position: Tensor,
+    token_type: Tensor,
+    norm: LayerNorm,
+}
+
+impl BertEmbeddings {
+    fn load(vb: &VarBuilder, cfg: &BertConfig) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        let word = vb.get((cfg.vocab_size, h), "word_embeddings.weight")?;
+        Ok(Self {
+            word: candle_nn::Embedding::new(word, h),
+            position: vb.get(
+                (cfg.max_position_embeddings, h),
+                "position_embeddings.weight",
+            )?,
+            token_type: vb.get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?,
+            norm: LayerNorm::load(&vb.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let words = self.word.forward(ids)?;
+        let positions = self.position.narrow(0, 0, t)?;
+        let x = words.broadcast_add(&positions)?;
+        // Single sentences have token type 0 everywhere: one broadcast row instead of a gather.
+        let x = match token_type_ids {
+            Some(tt) => {
+                (x + candle_nn::Embedding::new(self.token_type.clone(), self.token_type.dim(1)?)
+                    .forward(tt)?)?
+            }
+            None => x.broadcast_add(&self.token_type.narrow(0, 0, 1)?)?,
+        };
+        self.norm.forward(&x)
+    }
+}
+
+/// One post-LayerNorm transformer layer.
+#[derive(Debug)]
+pub struct BertLayer {
+    query: LinearSlot,
+    key: LinearSlot,
+    value: LinearSlot,
+    attn_out: LinearSlot,
+    attn_norm: LayerNorm,
+    intermediate: LinearSlot,
+    output: LinearSlot,
+    out_norm: LayerNorm,
+    heads: usize,
+    act: HiddenAct,
+}
+
+impl BertLayer {
+    fn load(vb: &VarBuilder, cfg: &BertConfig) -> candle_core::Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let lin = |path: &str, inp, out| {
+            Linear::load(&vb.pp(path), inp, out, true).map(Linear::into_slot)
+        };
+        Ok(Self {
+            query: lin("attention.self.query", h, h)?,
+            key: lin("attention.self.key", h, h)?,
+            value: lin("attention.self.value", h, h)?,
+            attn_out: lin("attention.output.dense", h, h)?,
+            attn_norm: LayerNorm::load(
+                &vb.pp("attention.output.LayerNorm"),
+                h,
+                cfg.layer_norm_eps,
+            )?,
+            intermediate: lin("intermediate.dense", h, i)?,
+            output: lin("output.dense", i, h)?,
+            out_norm: LayerNorm::load(&vb.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+            heads: cfg.num_attention_heads,
+            act: cfg.hidden_act,
+        })
+    }
+
+    /// `x [b, t, h]`; `mask` is additive, `[b, 1, 1, t]`, or `None` when nothing is padded.
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let hd = h / self.heads;
+        let heads = |y: Tensor| {
+            y.reshape((b, t, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        // Scaling q (b*t*h values) is cheaper than scaling the scores (b*heads*t*t).
+        let q = (heads(self.query.forward(x)?)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = heads(self.key.forward(x)?)?;
+        let v = heads(self.value.forward(x)?)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = lorafuse_ops::softmax_last_dim(&scores)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let x = self
+            .attn_norm
+            .forward(&(self.attn_out.forward(&ctx)? + x)?)?;
+        let inner = self.intermediate.forward(&x)?;
+        let inner = match self.act {
+            HiddenAct::Gelu => inner.gelu_erf()?,
+            HiddenAct::GeluTanh => inner.gelu()?,
+            HiddenAct::Relu => inner.relu()?,
+        };
+        self.out_norm.forward(&(self.output.forward(&inner)? + x)?)
+    }
+}
+
+/// The BERT encoder: token ids in, last hidden states out (no pooler: sentence-transformers
+/// pools the token states itself).
+#[derive(Debug)]
+pub struct BertModel {
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    cfg: BertConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl BertModel {
+    /// Builds the encoder from `vb`, whose names are the checkpoint's without any `bert.` prefix
+    /// (`embeddings.word_embeddings.weight`, `encoder.layer.0.attention.self.query.weight`, ...).
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> candle_core::Result<Self> {
+        let embeddings = BertEmbeddings::load(&vb.pp("embeddings"), cfg)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| BertLayer::load(&vb.pp(format!("encoder.layer.{i}")), cfg))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings,
+            layers,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+
+    /// The dtype of the weights and hidden states.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Last hidden states `[b, t, hidden]` for `input_ids [b, t]` (u32). `attention_mask [b, t]`
+    /// (1 for real tokens, 0 for padding, any dtype) may be `None` when no row is padded;
+    /// `token_type_ids` `None` means all zeros.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {t} tokens exceeds max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
+        }
+        let mask = attention_mask.map(|m| self.additive_mask(m)).transpose()?;
+        let mut x = self.embeddings.forward(input_ids, token_type_ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, mask.as_ref())?;
+        }
+        Ok(x)
+    }
+
+    /// `(1 - mask) * dtype_min` shaped `[b, 1, 1, t]`, as transformers builds it, so that padded
+    /// keys get zero attention weight.
+    fn additive_mask(&self, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = mask.dims2()?;
+        let min = match self.dtype {
+            DType::F16 => f64::from(half::f16::MIN),
+            DType::BF16 => f64::from(half::bf16::MIN),
+            DType::F64 => f64::MIN,
+            _ => f64::from(f32::MIN),
+        };
+        let keep = mask.to_dtype(DType::F32)?;
+        let add = ((1.0 - keep)? * min)?;
+        add.to_dtype(self.dtype)?.reshape((b, 1, 1, t))
+    }
+
+    /// Every projection with its checkpoint path (`encoder.layer.0.attention.self.query`, ...),
+    /// for adapters to wrap.
+    pub fn named_linears_mut(&mut self) -> Vec<(String, &mut LinearSlot)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 6);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("encoder.layer.{i}");
+            out.push((format!("{p}.attention.self.query"), &mut l.query));
+            out.push((format!("{p}.attention.self.key"), &mut l.key));
+            out.push((format!("{p}.attention.self.value"), &mut l.value));
+            out.push((format!("{p}.attention.output.dense"), &mut l.attn_out));
+            out.push((format!("{p}.intermediate.dense"), &mut l.intermediate));
+            out.push((format!("{p}.output.dense"), &mut l.output));
+        }
+        out
+    }
+}

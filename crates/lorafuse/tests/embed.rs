@@ -1,0 +1,455 @@
+//! Sentence embeddings: parity with sentence-transformers on all-MiniLM-L6-v2 (skipped with a note
+//! when models/ lacks it), and folder handling, batching and pooling on a tiny random BERT.
+
+use candle_core::{DType, Device, Tensor};
+use lorafuse::embed::{pooling, EmbedOptions, Embedder, PoolingMode, StFolder};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn minilm() -> Option<PathBuf> {
+    let dir = repo_root().join("models/all-MiniLM-L6-v2");
+    if dir.join("model.safetensors").exists() {
+        Some(dir)
+    } else {
+        println!(
+            "skipped: {} is absent (run scripts/fetch-models.sh)",
+            dir.display()
+        );
+        None
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb).max(1e-30)
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+struct Case {
+    text: String,
+    num_tokens: usize,
+    embedding: Vec<f32>,
+}
+
+fn fixture() -> Vec<Case> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm_reference.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            text: c["text"].as_str().unwrap().to_owned(),
+            num_tokens: c["num_tokens"].as_u64().unwrap() as usize,
+            embedding: c["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect(),
+        })
+        .collect()
+}
+
+#[test]
+fn minilm_matches_sentence_transformers_on_cpu_f32() {
+    let Some(dir) = minilm() else { return };
+    let cases = fixture();
+    let emb = Embedder::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(emb.max_seq_length(), 256);
+    assert_eq!(emb.dim(), 384);
+    let texts: Vec<&str> = cases.iter().map(|c| c.text.as_str()).collect();
+    let ids = emb.tokenize(&texts).unwrap();
+    for (c, ids) in cases.iter().zip(&ids) {
+        assert_eq!(ids.len(), c.num_tokens, "token count of {:?}", c.text);
+    }
+    let got = emb.encode(&texts).unwrap();
+    let want: Vec<Vec<f32>> = cases.iter().map(|c| c.embedding.clone()).collect();
+    let mut worst = 1.0f64;
+    for (c, g) in cases.iter().zip(&got) {
+        let cos = cosine(g, &c.embedding);
+        worst = worst.min(cos);
+        assert!(cos >= 0.9999, "cosine {cos} for {:?}", c.text);
+    }
+    println!(
+        "minilm cpu f32: min cosine {worst:.8}, max abs diff {:.3e}",
+        max_abs_diff(&got, &want)
+    );
+}
+
+#[test]
+fn minilm_batch_size_does_not_change_embeddings() {
+    let Some(dir) = minilm() else { return };
+    let cases = fixture();
+    let texts: Vec<&str> = cases.iter().map(|c| c.text.as_str()).collect();
+    let mut emb = Embedder::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    emb.options_mut().batch_size = 1;
+    let one = emb.encode(&texts).unwrap();
+    emb.options_mut().batch_size = 8;
+    emb.options_mut().sort_by_length = false; // mixed lengths in each batch: padding at work
+    let eight = emb.encode(&texts).unwrap();
+    let diff = max_abs_diff(&one, &eight);
+    println!("minilm batch 1 vs 8: max abs diff {diff:.3e}");
+    assert!(diff <= 1e-5, "max abs diff {diff}");
+}
+
+// ---- a tiny random BERT in a temporary sentence-transformers folder ----
+
+const WORDS: [&str; 12] = [
+    "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "query", ":", "far", "away",
+];
+const HIDDEN: usize = 8;
+
+fn tiny_folder(
+    prefix: &str,
+    pooling: Option<serde_json::Value>,
+    normalize: bool,
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut vocab: HashMap<String, u32> = HashMap::new();
+    for (i, t) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+        .iter()
+        .chain(WORDS.iter())
+        .enumerate()
+    {
+        vocab.insert(t.to_string(), i as u32);
+    }
+    let special = |id: u32, s: &str| {
+        json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+               "normalized": false, "special": true})
+    };
+    let tok = json!({
+        "version": "1.0", "truncation": null,
+        "padding": {"strategy": {"Fixed": 12}, "direction": "Right", "pad_to_multiple_of": null,
+                    "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
+        "added_tokens": [special(0, "[PAD]"), special(1, "[UNK]"), special(2, "[CLS]"), special(3, "[SEP]")],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                       {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                               "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
+    let cfg = json!({"model_type": "bert", "architectures": ["BertModel"], "vocab_size": vocab.len(),
+        "hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16,
+        "max_position_embeddings": 16, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"});
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    // Deterministic pseudo-random weights, so every folder built here holds the same model.
+    let mut seed = 0x2545_f491u32;
+    let mut t = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let mut w: HashMap<String, Tensor> = HashMap::new();
+    let h = HIDDEN;
+    w.insert(
+        format!("{prefix}embeddings.word_embeddings.weight"),
+        t(&[vocab.len(), h]),
+    );
+    w.insert(
+        format!("{prefix}embeddings.position_embeddings.weight"),
+        t(&[16, h]),
+    );
+    w.insert(
+        format!("{prefix}embeddings.token_type_embeddings.weight"),
+        t(&[2, h]),
+    );
+    for ln in ["embeddings.LayerNorm"] {
+        w.insert(format!("{prefix}{ln}.weight"), (t(&[h]) + 1.0).unwrap());
+        w.insert(format!("{prefix}{ln}.bias"), t(&[h]));
+    }
+    for l in 0..2 {
+        let p = format!("{prefix}encoder.layer.{l}");
+        for (name, out, inp) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", 16, h),
+            ("output.dense", h, 16),
+        ] {
+            w.insert(format!("{p}.{name}.weight"), t(&[out, inp]));
+            w.insert(format!("{p}.{name}.bias"), t(&[out]));
+        }
+        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            w.insert(format!("{p}.{ln}.weight"), (t(&[h]) + 1.0).unwrap());
+            w.insert(format!("{p}.{ln}.bias"), t(&[h]));
+        }
+    }
+    candle_core::safetensors::save(&w, d.join("model.safetensors")).unwrap();
+    let mut modules = vec![
+        json!({"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}),
+    ];
+    modules.push(json!({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}));
+    if normalize {
+        modules.push(json!({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}));
+    }
+    std::fs::write(d.join("modules.json"), json!(modules).to_string()).unwrap();
+    if let Some(p) = pooling {
+        std::fs::create_dir_all(d.join("1_Pooling")).unwrap();
+        std::fs::write(d.join("1_Pooling/config.json"), p.to_string()).unwrap();
+    }
+    std::fs::write(
+        d.join("sentence_bert_config.json"),
+        r#"{"max_seq_length": 8, "do_lower_case": false}"#,
+    )
+    .unwrap();
+    dir
+}
+
+fn mean_pooling() -> Option<serde_json::Value> {
+    Some(json!({"word_embedding_dimension": HIDDEN, "pooling_mode_mean_tokens": true}))
+}
+
+const TEXTS: [&str; 5] = [
+    "the cat sat on the mat",
+    "a dog",
+    "",
+    "dog ran far far away",
+    "cat",
+];
+
+fn tiny_embed(dir: &Path, batch_size: usize) -> Vec<Vec<f32>> {
+    let e = Embedder::load(dir, &Device::Cpu, DType::F32)
+        .unwrap()
+        .with_options(EmbedOptions {
+            batch_size,
+            ..Default::default()
+        });
+    e.encode(&TEXTS).unwrap()
+}
+
+#[test]
+fn padding_and_batching_do_not_change_embeddings() {
+    let dir = tiny_folder("", mean_pooling(), false);
+    let one = tiny_embed(dir.path(), 1);
+    let all = tiny_embed(dir.path(), 5);
+    assert!(
+        max_abs_diff(&one, &all) <= 1e-6,
+        "{}",
+        max_abs_diff(&one, &all)
+    );
+    assert_eq!(one.len(), TEXTS.len());
+    assert!(one
+        .iter()
+        .all(|v| v.len() == HIDDEN && v.iter().all(|x| x.is_finite())));
+}
+
+#[test]
+fn bert_prefixed_checkpoint_loads_like_plain_bert_model() {
+    let plain = tiny_folder("", mean_pooling(), false);
+    let prefixed = tiny_folder("bert.", mean_pooling(), false);
+    assert_eq!(tiny_embed(plain.path(), 2), tiny_embed(prefixed.path(), 2));
+}
+
+#[test]
+fn missing_pooling_config_falls_back_to_mean_pooling() {
+    let explicit = tiny_folder("", mean_pooling(), false);
+    let missing = tiny_folder("", None, false);
+    assert_eq!(
+        StFolder::read(missing.path()).unwrap().pooling,
+        vec![PoolingMode::Mean]
+    );
+    assert_eq!(
+        tiny_embed(explicit.path(), 4),
+        tiny_embed(missing.path(), 4)
+    );
+}
+
+#[test]
+fn normalize_module_gives_unit_vectors_in_the_same_direction() {
+    let raw = tiny_embed(tiny_folder("", mean_pooling(), false).path(), 4);
+    let unit = tiny_embed(tiny_folder("", mean_pooling(), true).path(), 4);
+    for (r, u) in raw.iter().zip(&unit) {
+        let norm: f32 = u.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+        assert!(cosine(r, u) > 0.99999);
+    }
+}
+
+#[test]
+fn truncation_stops_at_max_seq_length_and_prefix_is_prepended() {
+    let dir = tiny_folder("", mean_pooling(), false);
+    let mut e = Embedder::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let ids = e
+        .tokenize(&["the cat sat on the mat the cat sat on the mat", "cat"])
+        .unwrap();
+    assert_eq!(
+        ids[0].len(),
+        8,
+        "max_seq_length 8 from sentence_bert_config.json"
+    );
+    assert_eq!(
+        ids[1],
+        vec![2, 5, 3],
+        "[CLS] cat [SEP], no fixed padding from tokenizer.json"
+    );
+    let plain = e.encode(&["query : cat"]).unwrap();
+    e.options_mut().prefix = Some("query: ".into());
+    assert_eq!(e.encode(&["cat"]).unwrap(), plain);
+}
+
+#[test]
+fn empty_input_gives_an_empty_result() {
+    let dir = tiny_folder("", mean_pooling(), false);
+    let e = Embedder::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    assert!(e.encode::<&str>(&[]).unwrap().is_empty());
+}
+
+#[test]
+fn unsupported_architecture_error_names_file_and_key() {
+    let dir = tiny_folder("", mean_pooling(), false);
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "gpt2", "vocab_size": 10}"#,
+    )
+    .unwrap();
+    let err = Embedder::load(dir.path(), &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("model_type: gpt2"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("config.json"), r#"{"vocab_size": 10}"#).unwrap();
+    let err = Embedder::load(dir.path(), &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("model_type"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unsupported_module_in_modules_json_is_refused() {
+    let dir = tiny_folder("", mean_pooling(), false);
+    let modules = json!([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                         {"idx": 1, "name": "1", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]);
+    std::fs::write(dir.path().join("modules.json"), modules.to_string()).unwrap();
+    let err = StFolder::read(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("modules.json") && err.contains("Dense"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pooling_modes_match_hand_computed_values() {
+    // Two rows, three positions, two features; row 1 has one padded position.
+    let x = Tensor::new(
+        &[
+            [[1f32, -2.], [3., 4.], [5., 0.]],
+            [[2., 2.], [-6., 8.], [100., 100.]],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mask = Tensor::new(&[[1f32, 1., 1.], [1., 1., 0.]], &Device::Cpu).unwrap();
+    let run = |modes: &[PoolingMode]| {
+        pooling::pool(&x, &mask, modes)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    assert_eq!(
+        run(&[PoolingMode::Mean]),
+        vec![vec![3., 2. / 3.], vec![-2., 5.]]
+    );
+    assert_eq!(run(&[PoolingMode::Cls]), vec![vec![1., -2.], vec![2., 2.]]);
+    assert_eq!(run(&[PoolingMode::Max]), vec![vec![5., 4.], vec![2., 8.]]);
+    assert_eq!(
+        run(&[PoolingMode::LastToken]),
+        vec![vec![5., 0.], vec![-6., 8.]]
+    );
+    // weights 1, 2, 3 (row 1: 1, 2): (1 + 6 + 15) / 6, (-2 + 8 + 0) / 6; (2 - 12) / 3, (2 + 16) / 3
+    let wm = run(&[PoolingMode::WeightedMean]);
+    for (got, want) in wm.iter().flatten().zip([22. / 6., 1., -10. / 3., 6.]) {
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+    let s = run(&[PoolingMode::MeanSqrtLen]);
+    assert!((s[1][0] - (-4. / 2f32.sqrt())).abs() < 1e-6);
+    // Several modes concatenate in the given order.
+    assert_eq!(
+        run(&[PoolingMode::Cls, PoolingMode::Max])[0],
+        vec![1., -2., 5., 4.]
+    );
+}
+
+#[test]
+fn pooling_config_reads_legacy_flags_and_pooling_mode() {
+    let p = Path::new("1_Pooling/config.json");
+    let legacy = json!({"pooling_mode_mean_tokens": true, "pooling_mode_cls_token": true});
+    assert_eq!(
+        PoolingMode::from_config_value(&legacy, p).unwrap(),
+        vec![PoolingMode::Cls, PoolingMode::Mean]
+    );
+    let newer = json!({"pooling_mode": ["max", "lasttoken"]});
+    assert_eq!(
+        PoolingMode::from_config_value(&newer, p).unwrap(),
+        vec![PoolingMode::Max, PoolingMode::LastToken]
+    );
+    assert_eq!(
+        PoolingMode::from_config_value(&json!({}), p).unwrap(),
+        vec![PoolingMode::Mean]
+    );
+    let err = PoolingMode::from_config_value(&json!({"pooling_mode": "median"}), p).unwrap_err();
+    assert!(err.to_string().contains("pooling_mode") && err.to_string().contains("median"));
+}
+
+#[test]
+fn jsonl_input_error_names_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("docs.jsonl");
+    std::fs::write(&good, "{\"text\": \"a\"}\n\n{\"text\": \"\"}\n").unwrap();
+    assert_eq!(
+        lorafuse::embed::read_texts(&good).unwrap(),
+        vec!["a".to_string(), String::new()]
+    );
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"a\"}\n{\"text\": 3}\n").unwrap();
+    let err = lorafuse::embed::read_texts(&bad).unwrap_err().to_string();
+    assert!(err.contains("bad.jsonl:2:"), "{err}");
+    std::fs::write(&bad, "{\"text\": \"a\"}\n\n{oops\n").unwrap();
+    let err = lorafuse::embed::read_texts(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("bad.jsonl:3:") && err.contains("invalid JSON"),
+        "{err}"
+    );
+    let txt = dir.path().join("docs.txt");
+    std::fs::write(&txt, "one\n\nthree\n").unwrap();
+    assert_eq!(
+        lorafuse::embed::read_texts(&txt).unwrap(),
+        vec!["one", "", "three"]
+    );
+}
