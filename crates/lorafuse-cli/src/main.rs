@@ -21,6 +21,10 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Score JSONL records ({"text": ...}): mean next-token NLL and perplexity, as transformers does.
     Perplexity(cmd::perplexity::PerplexityArgs),
+    /// Merge LoRA adapters into the base weights and write a Hugging Face model folder.
+    Merge(cmd::merge::MergeArgs),
+    /// Fine-tune a LoRA adapter; with no arguments, the shipped job (SmolLM2 on data/, then base vs tuned answers).
+    Train(Box<cmd::train::TrainArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +39,7 @@ fn main() -> anyhow::Result<()> {
     match &cli.command {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Perplexity(a) => cmd::perplexity::run(a),
+        Command::Merge(a) => cmd::merge::run(a),
+        Command::Train(a) => cmd::train::run(a),
     }
 }

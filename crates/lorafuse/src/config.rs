@@ -119,7 +119,7 @@ impl LlamaConfig {
                 supported: SUPPORTED_ARCHS,
             });
         }
-        if raw.num_attention_heads == 0 || raw.hidden_size % raw.num_attention_heads != 0 && raw.head_dim.is_none() {
+        if raw.num_attention_heads == 0 || !raw.hidden_size.is_multiple_of(raw.num_attention_heads) && raw.head_dim.is_none() {
             return Err(Error::key(
                 path,
                 "num_attention_heads",
@@ -127,7 +127,7 @@ impl LlamaConfig {
             ));
         }
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if num_key_value_heads == 0 || raw.num_attention_heads % num_key_value_heads != 0 {
+        if num_key_value_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_key_value_heads) {
             return Err(Error::key(
                 path,
                 "num_key_value_heads",

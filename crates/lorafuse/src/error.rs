@@ -51,6 +51,8 @@ pub enum Error {
     ContextOverflow { tokens: usize, context: usize },
     #[error("invalid argument: {0}")]
     Invalid(String),
+    #[error("training stopped at step {step}: {msg}")]
+    Training { step: usize, msg: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -12,5 +12,6 @@ pub mod lora;
 pub mod models;
 pub mod perplexity;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

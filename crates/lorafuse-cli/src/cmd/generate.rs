@@ -1,5 +1,6 @@
 //! `lorafuse generate`: prompt or chat, streaming, with speed reported at the end.
 
+use super::adapters::AdapterArgs;
 use super::common::ModelArgs;
 use anyhow::Context;
 use clap::Args;
@@ -11,6 +12,8 @@ use std::io::Write;
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
     /// The prompt (with --chat: the user's message).
     #[arg(long, short = 'p')]
     pub prompt: String,
@@ -50,7 +53,8 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    let loaded = args.model.load()?;
+    let mut loaded = args.model.load()?;
+    args.adapters.apply(&mut loaded.model)?;
     let tok = &loaded.tokenizer;
     let prompt = if args.chat {
         let template = tok.chat_template.as_deref().with_context(|| {

@@ -1,5 +1,8 @@
 //! One module per subcommand; shared model options in `common`.
 
+pub mod adapters;
 pub mod common;
 pub mod generate;
+pub mod merge;
 pub mod perplexity;
+pub mod train;

@@ -1,5 +1,6 @@
 //! `lorafuse perplexity`: per-record and overall mean NLL of a JSONL file.
 
+use super::adapters::AdapterArgs;
 use super::common::ModelArgs;
 use clap::Args;
 use std::path::PathBuf;
@@ -8,6 +9,8 @@ use std::path::PathBuf;
 pub struct PerplexityArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
     /// JSONL file of {"text": ...} records.
     #[arg(long)]
     pub data: PathBuf,
@@ -18,7 +21,8 @@ pub struct PerplexityArgs {
 
 pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
     let texts = lorafuse::perplexity::read_text_records(&args.data)?;
-    let loaded = args.model.load()?;
+    let mut loaded = args.model.load()?;
+    args.adapters.apply(&mut loaded.model)?;
     let report = lorafuse::perplexity::score_texts(&loaded.model, &loaded.tokenizer, &texts)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

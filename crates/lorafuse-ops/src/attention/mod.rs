@@ -76,7 +76,7 @@ fn supported(q: &Tensor, k: &Tensor, v: &Tensor, dm: &cpu::Dims) -> bool {
     same && match q.device() {
         Device::Cpu => matches!(dt, DType::F32 | DType::F64 | DType::BF16 | DType::F16),
         Device::Cuda(_) => {
-            false && cfg!(feature = "cuda")
+            cfg!(feature = "cuda")
                 && matches!(dt, DType::F32 | DType::BF16 | DType::F16)
                 && dm.d <= CUDA_MAX_HEAD_DIM
                 && dm.d > 0

@@ -71,12 +71,21 @@ pub fn cross_entropy_fused(
     ignore_index: i64,
     reduction: Reduction,
 ) -> Result<Tensor> {
+    if logits.elem_count() == 0 {
+        // nothing to fuse; the reference gives the empty/zero answer
+        return reference::cross_entropy_reference(logits, targets, ignore_index, reduction);
+    }
+    // the CUDA kernels read i64 targets (n values: the conversion is cheap)
+    let targets = match logits.device() {
+        Device::Cuda(_) => targets.to_dtype(DType::I64)?.contiguous()?,
+        _ => targets.contiguous()?,
+    };
     let op = CrossEntropyOp {
         ignore_index,
         reduction,
         saved: Mutex::new(None),
     };
-    logits.contiguous()?.apply_op2(&targets.contiguous()?, op)
+    logits.contiguous()?.apply_op2(&targets, op)
 }
 
 fn supported(logits: &Tensor, targets: &Tensor) -> bool {
@@ -89,7 +98,7 @@ fn supported(logits: &Tensor, targets: &Tensor) -> bool {
                     && matches!(t, DType::I64 | DType::U32 | DType::I32 | DType::U8)
             }
             Device::Cuda(_) => {
-                false && cfg!(feature = "cuda")
+                cfg!(feature = "cuda")
                     && matches!(l, DType::F32 | DType::BF16 | DType::F16)
                     && matches!(t, DType::I64 | DType::U32)
             }

@@ -93,7 +93,18 @@ impl GgufFile {
         // Check every tensor's extent now, so a truncated download fails at open with one clear
         // message rather than midway through loading.
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
+            // Checked: a corrupt header can declare dims whose product overflows.
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| {
+                    Error::format(
+                        path,
+                        format!("tensor `{name}`: dims {:?} overflow", info.shape.dims()),
+                    )
+                })?;
             let block = info.ggml_dtype.block_size();
             if !elems.is_multiple_of(block) {
                 return Err(Error::format(
@@ -101,7 +112,7 @@ impl GgufFile {
                     format!("tensor `{name}`: {elems} elements is not a whole number of {block}-element blocks"),
                 ));
             }
-            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+            let bytes = (elems / block).saturating_mul(info.ggml_dtype.type_size()) as u64;
             let end = content
                 .tensor_data_offset
                 .saturating_add(info.offset)
@@ -297,7 +308,7 @@ impl GgufFile {
         self.content
             .tensor_infos
             .get("token_embd.weight")
-            .map(|t| t.shape.dims()[0])
+            .and_then(|t| t.shape.dims().first().copied())
             .ok_or_else(|| Error::key(&self.path, "token_embd.weight", "missing tensor"))
     }
 
@@ -465,7 +476,9 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 /// `reshape(h, d/2, 2, ..).swapaxes(1, 2)`. Works on weights `[rows, in]` and biases `[rows]`.
 pub fn unpermute_rows(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     let dims = t.dims().to_vec();
-    let rows = dims.first().copied().unwrap_or(0);
+    let Some(&rows) = dims.first() else {
+        candle_core::bail!("a scalar has no rows to un-permute")
+    };
     if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
         candle_core::bail!("{rows} rows cannot be split into {n_head} heads of rotary pairs")
     }

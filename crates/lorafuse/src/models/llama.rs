@@ -391,3 +391,12 @@ impl Llama {
         out
     }
 }
+
+impl crate::lora::HasLinears for Llama {
+    fn named_linears_mut(&mut self) -> Vec<(String, &mut LinearSlot)> {
+        Llama::named_linears_mut(self)
+    }
+    fn named_linears(&self) -> Vec<(String, &LinearSlot)> {
+        Llama::named_linears(self)
+    }
+}
