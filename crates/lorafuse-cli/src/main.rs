@@ -21,6 +21,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Score JSONL records ({"text": ...}): mean next-token NLL and perplexity, as transformers does.
     Perplexity(cmd::perplexity::PerplexityArgs),
+    /// Benchmarks: fused ops vs stock Candle, and batch-1 decode speed (GPU synchronised).
+    Bench(cmd::bench::BenchArgs),
     /// Merge LoRA adapters into the base weights and write a Hugging Face model folder.
     Merge(cmd::merge::MergeArgs),
     /// Fine-tune a LoRA adapter; with no arguments, the shipped job (SmolLM2 on data/, then base vs tuned answers).
@@ -40,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Perplexity(a) => cmd::perplexity::run(a),
         Command::Merge(a) => cmd::merge::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Train(a) => cmd::train::run(a),
     }
 }

@@ -1,7 +1,7 @@
 //! Options every model-running subcommand shares, and loading the model they name.
 
 use anyhow::Context;
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::Args;
 use lorafuse::models::Llama;
 use lorafuse::tokenizer::TextTokenizer;
@@ -29,7 +29,6 @@ pub struct LoadedModel {
     pub model: Llama,
     pub tokenizer: TextTokenizer,
     pub device: Device,
-    pub dtype: DType,
 }
 
 impl ModelArgs {
@@ -56,7 +55,6 @@ impl ModelArgs {
             model,
             tokenizer: files.tokenizer,
             device,
-            dtype,
         })
     }
 }

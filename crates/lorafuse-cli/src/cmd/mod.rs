@@ -1,6 +1,7 @@
 //! One module per subcommand; shared model options in `common`.
 
 pub mod adapters;
+pub mod bench;
 pub mod common;
 pub mod generate;
 pub mod merge;

@@ -1,0 +1,341 @@
+//! `lorafuse bench`: timings of the fused ops (against the stock-Candle reference, in the same
+//! process) and of batch-1 decoding. The device is synchronised before every clock read, after
+//! warm-up, over many iterations. Shapes and op names follow `../shared/bench/peers_ops.py` so the
+//! two outputs join on (op, dtype, shape).
+
+use super::common::ModelArgs;
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor, Var, D};
+use clap::{Args, Subcommand};
+use lorafuse_ops::{KernelMode, Reduction};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchWhat {
+    /// Every fused op, forward and forward+backward, fused vs stock-Candle reference.
+    Ops(OpsArgs),
+    /// Batch-1 greedy decode speed of a model (prefill, then one cached step per token).
+    Decode(DecodeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct OpsArgs {
+    /// cpu, cuda, cuda:N, metal or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Comma-separated dtypes to time (f32, bf16, f16).
+    #[arg(long, default_value = "f32,bf16")]
+    pub dtypes: String,
+    /// Only ops whose name contains this.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Small shapes only (for CPUs).
+    #[arg(long)]
+    pub quick: bool,
+    /// Time the fused kernels only (skip the reference).
+    #[arg(long)]
+    pub fused_only: bool,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Random prompt length.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_tokens: usize,
+    /// New tokens to decode (EOS ignored, as transformers' min_new_tokens).
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Serialize, Debug)]
+struct Row {
+    #[serde(rename = "impl")]
+    imp: String,
+    op: String,
+    dtype: String,
+    shape: String,
+    us: f64,
+    iters: usize,
+}
+
+/// Mean microseconds per call: warm-up, then at least 10 calls and ~0.3 s, synchronised.
+fn time_us(dev: &Device, mut f: impl FnMut() -> candle_core::Result<()>) -> anyhow::Result<(f64, usize)> {
+    for _ in 0..5 {
+        f()?;
+    }
+    dev.synchronize()?;
+    let budget = Duration::from_millis(300);
+    let start = Instant::now();
+    let mut iters = 0;
+    while iters < 10 || (start.elapsed() < budget && iters < 2000) {
+        f()?;
+        iters += 1;
+        if iters % 10 == 0 {
+            dev.synchronize()?;
+        }
+    }
+    dev.synchronize()?;
+    Ok((start.elapsed().as_secs_f64() * 1e6 / iters as f64, iters))
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
+    }
+}
+
+struct Bencher {
+    dev: Device,
+    only: Option<String>,
+    fused_only: bool,
+    rows: Vec<Row>,
+}
+
+impl Bencher {
+    fn wants(&self, op: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| op.contains(o))
+    }
+
+    /// Times `f` under the fused kernels and, unless disabled, under the reference.
+    fn run(
+        &mut self,
+        op: &str,
+        dtype: DType,
+        shape: String,
+        mut f: impl FnMut() -> candle_core::Result<()>,
+    ) -> anyhow::Result<()> {
+        if !self.wants(op) {
+            return Ok(());
+        }
+        let mut modes = vec![(KernelMode::Fused, "lorafuse")];
+        if !self.fused_only {
+            modes.push((KernelMode::Reference, "candle-reference"));
+        }
+        for (mode, imp) in modes {
+            lorafuse_ops::set_kernel_mode(mode);
+            let (us, iters) = time_us(&self.dev, &mut f).with_context(|| format!("{op} {shape}"))?;
+            println!("{imp:17} {op:15} {:5} {shape:24} {us:10.2} us", dtype_name(dtype));
+            self.rows.push(Row {
+                imp: imp.into(),
+                op: op.into(),
+                dtype: dtype_name(dtype).into(),
+                shape: shape.clone(),
+                us,
+                iters,
+            });
+        }
+        lorafuse_ops::set_kernel_mode(KernelMode::Fused);
+        Ok(())
+    }
+}
+
+fn randn(shape: &[usize], scale: f64, dt: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    (Tensor::randn(0f32, 1f32, shape, dev)? * scale)?.to_dtype(dt)
+}
+
+fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
+    let dev = lorafuse::device::parse_device(Some(&args.device))?;
+    println!("device: {}", lorafuse::device::device_name(&dev));
+    let mut b = Bencher {
+        dev: dev.clone(),
+        only: args.only.clone(),
+        fused_only: args.fused_only,
+        rows: vec![],
+    };
+    let lora_shapes: &[(usize, usize)] = if args.quick {
+        &[(1, 512), (512, 512), (512, 1024)]
+    } else {
+        &[(1, 512), (512, 512), (512, 1024), (512, 2048), (2048, 4096), (8192, 4096)]
+    };
+    let rows: &[(usize, usize)] = if args.quick {
+        &[(1, 1024), (512, 1024)]
+    } else {
+        &[(1, 1024), (512, 1024), (4096, 4096), (16384, 4096), (16384, 32000)]
+    };
+    for name in args.dtypes.split(',') {
+        let dt = lorafuse::device::parse_dtype(name.trim())?;
+        for &(t, d) in lora_shapes {
+            let x = randn(&[t, d], 1.0, dt, &dev)?;
+            let w = randn(&[d, d], 0.02, dt, &dev)?;
+            for r in [8usize, 16] {
+                let a = randn(&[r, d], 0.02, dt, &dev)?;
+                let bb = randn(&[d, r], 0.02, dt, &dev)?;
+                let sh = format!("t={t} d={d} r={r}");
+                b.run("lora_delta", dt, sh.clone(), || lorafuse_ops::lora_delta(&x, &a, &bb, 2.0).map(drop))?;
+                b.run("lora_full", dt, sh.clone(), || {
+                    lorafuse_ops::lora_linear(&x, &w, None, &a, &bb, 2.0).map(drop)
+                })?;
+                let xv = Var::from_tensor(&x)?;
+                let av = Var::from_tensor(&a)?;
+                let bv = Var::from_tensor(&bb)?;
+                b.run("lora_full+bwd", dt, sh, || {
+                    let y = lorafuse_ops::lora_linear(xv.as_tensor(), &w, None, av.as_tensor(), bv.as_tensor(), 2.0)?;
+                    y.backward().map(drop)
+                })?;
+            }
+            let sh = format!("t={t} d={d}");
+            b.run("base_gemm", dt, sh.clone(), || lorafuse_ops::frozen_linear(&x, &w, None).map(drop))?;
+            let xv = Var::from_tensor(&x)?;
+            b.run("base_gemm+bwd", dt, sh, || {
+                lorafuse_ops::frozen_linear(xv.as_tensor(), &w, None)?.backward().map(drop)
+            })?;
+        }
+        for (i, &(r, c)) in rows.iter().enumerate() {
+            let x = randn(&[r, c], 1.0, dt, &dev)?;
+            let g = Tensor::ones(c, dt, &dev)?;
+            let z = Tensor::zeros(c, dt, &dev)?;
+            let sh = format!("{r}x{c}");
+            b.run("softmax", dt, sh.clone(), || lorafuse_ops::softmax_last_dim(&x).map(drop))?;
+            b.run("rms_norm", dt, sh.clone(), || lorafuse_ops::rms_norm(&x, &g, 1e-5).map(drop))?;
+            b.run("layer_norm", dt, sh.clone(), || lorafuse_ops::layer_norm(&x, &g, Some(&z), 1e-5).map(drop))?;
+            b.run("swiglu", dt, sh.clone(), || lorafuse_ops::swiglu(&x, &x).map(drop))?;
+            // forward+backward on the four smaller shapes, as the peers do
+            if i < 4 {
+                let xv = Var::from_tensor(&x)?;
+                let gv = Var::from_tensor(&g)?;
+                let zv = Var::from_tensor(&z)?;
+                b.run("softmax+bwd", dt, sh.clone(), || {
+                    lorafuse_ops::softmax_last_dim(xv.as_tensor())?.backward().map(drop)
+                })?;
+                b.run("rms_norm+bwd", dt, sh.clone(), || {
+                    lorafuse_ops::rms_norm(xv.as_tensor(), gv.as_tensor(), 1e-5)?.backward().map(drop)
+                })?;
+                b.run("layer_norm+bwd", dt, sh.clone(), || {
+                    lorafuse_ops::layer_norm(xv.as_tensor(), gv.as_tensor(), Some(zv.as_tensor()), 1e-5)?
+                        .backward()
+                        .map(drop)
+                })?;
+            }
+        }
+        let seqs: &[usize] = if args.quick { &[128] } else { &[512, 2048] };
+        for &t in seqs {
+            let q = randn(&[4, 14, t, 64], 1.0, dt, &dev)?;
+            let k = randn(&[4, 2, t, 64], 1.0, dt, &dev)?;
+            let v = randn(&[4, 2, t, 64], 1.0, dt, &dev)?;
+            let sh = format!("b4 h14/2 T={t} d64");
+            b.run("attention", dt, sh.clone(), || lorafuse_ops::causal_attention(&q, &k, &v, 0.125).map(drop))?;
+            let qv = Var::from_tensor(&q)?;
+            let kv = Var::from_tensor(&k)?;
+            let vv = Var::from_tensor(&v)?;
+            b.run("attention+bwd", dt, sh, || {
+                lorafuse_ops::causal_attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), 0.125)?
+                    .backward()
+                    .map(drop)
+            })?;
+            let (cos, sin) = (randn(&[t, 32], 1.0, DType::F32, &dev)?, randn(&[t, 32], 1.0, DType::F32, &dev)?);
+            b.run("rope", dt, format!("b4 h14 T={t} d64"), || {
+                lorafuse_ops::rope(&q, &cos, &sin, lorafuse_ops::RopeLayout::HalfRotation).map(drop)
+            })?;
+        }
+        let vocab = if args.quick { 32000 } else { 151936 };
+        let ce_rows: &[usize] = if args.quick { &[256] } else { &[4096, 16384] };
+        for &n in ce_rows {
+            if n * vocab * 2 > 8_000_000_000 {
+                continue;
+            }
+            let logits = Var::from_tensor(&randn(&[n, vocab], 1.0, dt, &dev)?)?;
+            let tgt = Tensor::rand(0f32, vocab as f32, n, &dev)?.to_dtype(DType::I64)?;
+            b.run("xent+bwd", dt, format!("{n}x{vocab}"), || {
+                lorafuse_ops::cross_entropy(logits.as_tensor(), &tgt, -100, Reduction::Mean)?
+                    .backward()
+                    .map(drop)
+            })?;
+        }
+        // AdamW over a LoRA-sized parameter set: r=16 on 7 projections x 24 layers of width 896.
+        if b.wants("adamw") {
+            let (count, r, d) = if args.quick { (14, 8, 256) } else { (336, 16, 896) };
+            let mk = |rows: usize, cols: usize| -> candle_core::Result<Var> { Var::from_tensor(&randn(&[rows, cols], 0.02, DType::F32, &dev)?) };
+            let mut params = Vec::new();
+            let mut grads = Vec::new();
+            let mut m = Vec::new();
+            let mut v = Vec::new();
+            for _ in 0..count {
+                params.push(mk(r, d)?);
+                grads.push(randn(&[r, d], 0.01, DType::F32, &dev)?);
+                m.push(Var::from_tensor(&Tensor::zeros((r, d), DType::F32, &dev)?)?);
+                v.push(Var::from_tensor(&Tensor::zeros((r, d), DType::F32, &dev)?)?);
+            }
+            let hp = lorafuse_ops::AdamWParams::default();
+            let mut step = 0;
+            b.run("adamw", DType::F32, format!("{count} tensors of {r}x{d}"), || {
+                step += 1;
+                lorafuse_ops::adamw_step(&params, &grads, &m, &v, step, &hp)
+            })?;
+        }
+    }
+    if let Some(p) = &args.json {
+        lorafuse::error::write_atomic(p, serde_json::to_string_pretty(&b.rows)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn bench_decode(args: &DecodeArgs) -> anyhow::Result<()> {
+    let loaded = args.model.load()?;
+    let model = &loaded.model;
+    let dev = &loaded.device;
+    let vocab = model.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let run = |new: usize| -> anyhow::Result<(f64, f64)> {
+        let mut cache = model.new_cache(prompt.len() + new);
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        let input = Tensor::new(prompt.as_slice(), dev)?.unsqueeze(0)?;
+        let logits = model.forward_last(&input, Some(&mut cache))?;
+        // Greedy on the device, one id back to the host per step, as transformers' generate.
+        let mut next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
+        let t1 = Instant::now();
+        for _ in 1..new {
+            let input = Tensor::new(&[next], dev)?.unsqueeze(0)?;
+            let logits = model.forward_last(&input, Some(&mut cache))?;
+            next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
+        }
+        dev.synchronize()?;
+        Ok((t1.duration_since(t0).as_secs_f64(), t1.elapsed().as_secs_f64()))
+    };
+    run(8)?;
+    let (prefill, decode) = run(args.new_tokens)?;
+    let steps = args.new_tokens.saturating_sub(1);
+    let tps = steps as f64 / decode.max(1e-9);
+    let result = serde_json::json!({
+        "impl": "lorafuse",
+        "model": args.model.model.display().to_string(),
+        "device": lorafuse::device::device_name(dev),
+        "dtype": args.model.dtype,
+        "kernels": format!("{:?}", lorafuse_ops::kernel_mode()),
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "prefill_ms": prefill * 1e3,
+        "tokens_per_s": tps,
+    });
+    println!("{result}");
+    if let Some(p) = &args.json {
+        lorafuse::error::write_atomic(p, result.to_string().as_bytes())?;
+    }
+    Ok(())
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    match &args.what {
+        BenchWhat::Ops(a) => bench_ops(a),
+        BenchWhat::Decode(a) => bench_decode(a),
+    }
+}
