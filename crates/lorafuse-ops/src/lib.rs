@@ -24,6 +24,8 @@ mod cpu_util;
 mod cuda_util;
 mod dispatch;
 mod error;
+#[cfg(feature = "metal")]
+mod metal_util;
 pub mod layer_norm;
 pub mod lora_linear;
 pub mod rms_norm;

@@ -47,10 +47,24 @@ fn tiny_model() -> Llama {
     t.insert("model.norm.weight".into(), (rand(&[h], 0.1) + 1.0).unwrap());
     for l in 0..2 {
         let p = format!("model.layers.{l}");
-        t.insert(format!("{p}.input_layernorm.weight"), (rand(&[h], 0.1) + 1.0).unwrap());
-        t.insert(format!("{p}.post_attention_layernorm.weight"), (rand(&[h], 0.1) + 1.0).unwrap());
-        for (name, out, inp) in [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q)] {
-            t.insert(format!("{p}.self_attn.{name}.weight"), rand(&[out, inp], 0.3));
+        t.insert(
+            format!("{p}.input_layernorm.weight"),
+            (rand(&[h], 0.1) + 1.0).unwrap(),
+        );
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            (rand(&[h], 0.1) + 1.0).unwrap(),
+        );
+        for (name, out, inp) in [
+            ("q_proj", q, h),
+            ("k_proj", kv, h),
+            ("v_proj", kv, h),
+            ("o_proj", h, q),
+        ] {
+            t.insert(
+                format!("{p}.self_attn.{name}.weight"),
+                rand(&[out, inp], 0.3),
+            );
         }
         for (name, out, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
             t.insert(format!("{p}.mlp.{name}.weight"), rand(&[out, inp], 0.3));
@@ -73,9 +87,15 @@ fn example(seed: u64, len: usize, prompt: usize) -> Example {
 }
 
 fn tiny_data(n: usize) -> TrainData {
-    let train: Vec<Example> = (0..n as u64).map(|i| example(i, 6 + (i as usize % 7), 3)).collect();
+    let train: Vec<Example> = (0..n as u64)
+        .map(|i| example(i, 6 + (i as usize % 7), 3))
+        .collect();
     let valid = (100..104).map(|i| example(i, 9, 4)).collect();
-    TrainData { train: train.into(), valid, pad_id: 0 }
+    TrainData {
+        train: train.into(),
+        valid,
+        pad_id: 0,
+    }
 }
 
 fn small_cfg() -> TrainConfig {
@@ -100,11 +120,20 @@ fn small_cfg() -> TrainConfig {
 }
 
 fn to_vec(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    to_vec(a).iter().zip(to_vec(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    to_vec(a)
+        .iter()
+        .zip(to_vec(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -137,11 +166,17 @@ fn lr_schedules_match_their_formulas_exactly() {
     let want = |p: f64| 1e-4 + 9e-4 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos());
     assert!((lr_at(&c, 10) - 5.5e-4).abs() < 1e-18);
     for s in 5..=14 {
-        assert!((lr_at(&c, s) - want((s - 5) as f64 / 10.0)).abs() < 1e-18, "step {s}");
+        assert!(
+            (lr_at(&c, s) - want((s - 5) as f64 / 10.0)).abs() < 1e-18,
+            "step {s}"
+        );
     }
     assert!(lr_at(&c, 14) > 1e-4, "the last step still moves");
     // No warmup: the first step is at the peak.
-    let c = TrainConfig { warmup: 0, ..cfg(Schedule::Cosine) };
+    let c = TrainConfig {
+        warmup: 0,
+        ..cfg(Schedule::Cosine)
+    };
     assert_eq!(lr_at(&c, 1), 1e-3);
 }
 
@@ -175,7 +210,12 @@ fn adamw_step_matches_hand_computation() {
     }
     let got = to_vec(param.as_tensor());
     for i in 0..4 {
-        assert!((got[i] as f64 - p[i]).abs() < 1e-6, "param {i}: {} vs {}", got[i], p[i]);
+        assert!(
+            (got[i] as f64 - p[i]).abs() < 1e-6,
+            "param {i}: {} vs {}",
+            got[i],
+            p[i]
+        );
     }
     let state: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
     let mv = to_vec(&state["p.exp_avg"]);
@@ -192,14 +232,22 @@ fn model_with_random_adapter() -> (Llama, Vec<Var>) {
     let mut cfg = LoraConfig::new(4, 8.0, TargetModules::all_linear());
     cfg.init_lora_weights = InitLoraWeights::Random;
     lora::apply_lora(&mut model, "default", &cfg, DType::F32, 3).unwrap();
-    let vars = lora::trainable_vars(&model).into_iter().map(|(_, v)| v).collect();
+    let vars = lora::trainable_vars(&model)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
     (model, vars)
 }
 
 #[test]
 fn grad_accumulation_of_two_micro_batches_equals_one_batch_of_both() {
     let (model, vars) = model_with_random_adapter();
-    let rows: Vec<Example> = vec![example(1, 7, 2), example(2, 12, 3), example(3, 9, 6), example(4, 5, 1)];
+    let rows: Vec<Example> = vec![
+        example(1, 7, 2),
+        example(2, 12, 3),
+        example(3, 9, 6),
+        example(4, 5, 1),
+    ];
     let refs: Vec<&Example> = rows.iter().collect();
     // Micro-batches with different numbers of target tokens (10 vs 6) so weighting matters.
     let micro = [pad_batch(&refs[..2], 0), pad_batch(&refs[2..], 0)];
@@ -207,7 +255,12 @@ fn grad_accumulation_of_two_micro_batches_equals_one_batch_of_both() {
     let a = accumulate_grads(&model, &vars, &micro).unwrap();
     let b = accumulate_grads(&model, &vars, &[whole]).unwrap();
     assert_eq!(a.target_tokens, b.target_tokens);
-    assert!((a.loss - b.loss).abs() < 1e-5, "loss {} vs {}", a.loss, b.loss);
+    assert!(
+        (a.loss - b.loss).abs() < 1e-5,
+        "loss {} vs {}",
+        a.loss,
+        b.loss
+    );
     let norm = global_norm(&b.grads).unwrap();
     assert!(norm > 1e-3, "the gradients are not trivially zero ({norm})");
     for (ga, gb) in a.grads.iter().zip(&b.grads) {
@@ -264,7 +317,8 @@ fn six_steps_straight_equal_three_then_resume_then_three() {
     let mut m3 = tiny_model();
     let resolved = lorafuse::train::resolve_checkpoint(split.path()).unwrap();
     assert_eq!(resolved, ck);
-    let mut t3 = Trainer::resume(&mut m3, cfg, &resolved, tiny_data(7), Some(split.path())).unwrap();
+    let mut t3 =
+        Trainer::resume(&mut m3, cfg, &resolved, tiny_data(7), Some(split.path())).unwrap();
     assert_eq!(t3.step_count(), 3);
     t3.run(&mut |_| {}).unwrap();
     let losses2 = t3.log().train_points();
@@ -284,8 +338,15 @@ fn six_steps_straight_equal_three_then_resume_then_three() {
     }
     // Validation after step 6 agrees too (step 3's came from the checkpoint's log).
     let log = std::fs::read_to_string(split.path().join("train_log.jsonl")).unwrap();
-    let records: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let val_last = records.iter().rev().find_map(|r| r["val_loss"].as_f64()).unwrap();
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let val_last = records
+        .iter()
+        .rev()
+        .find_map(|r| r["val_loss"].as_f64())
+        .unwrap();
     assert!((val_last - val1.last().unwrap().1).abs() < 1e-6);
 }
 
@@ -293,21 +354,36 @@ fn six_steps_straight_equal_three_then_resume_then_three() {
 fn checkpoints_hold_adapter_optimizer_and_state_and_outputs_are_written() {
     let out = tempfile::tempdir().unwrap();
     let mut model = tiny_model();
-    let cfg = TrainConfig { iters: 4, save_every: 2, val_every: 2, ..small_cfg() };
+    let cfg = TrainConfig {
+        iters: 4,
+        save_every: 2,
+        val_every: 2,
+        ..small_cfg()
+    };
     Trainer::new(&mut model, cfg.clone(), tiny_data(5), Some(out.path()))
         .unwrap()
         .run(&mut |_| {})
         .unwrap();
     for step in [2, 4] {
         let d = checkpoint_dir(out.path(), step);
-        for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "optimizer.safetensors",
+            "trainer_state.json",
+        ] {
             assert!(d.join(f).is_file(), "{} lacks {f}", d.display());
         }
         let state = checkpoint::read_state(&d).unwrap();
         assert_eq!(state.step, step);
         assert_eq!(state.config, cfg);
-        let opt = candle_core::safetensors::load(d.join("optimizer.safetensors"), &Device::Cpu).unwrap();
-        assert_eq!(opt.len(), 2 * 2 * 14, "exp_avg and exp_avg_sq per LoRA matrix");
+        let opt =
+            candle_core::safetensors::load(d.join("optimizer.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(
+            opt.len(),
+            2 * 2 * 14,
+            "exp_avg and exp_avg_sq per LoRA matrix"
+        );
         assert!(opt.values().all(|t| t.dtype() == DType::F32));
     }
     let leftovers: Vec<_> = std::fs::read_dir(out.path().join("checkpoints"))
@@ -315,7 +391,10 @@ fn checkpoints_hold_adapter_optimizer_and_state_and_outputs_are_written() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".tmp"))
         .collect();
-    assert!(leftovers.is_empty(), "temporary folders left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "temporary folders left: {leftovers:?}"
+    );
     // The final adapter loads back as a PEFT adapter with f32 matrices.
     let mut fresh = tiny_model();
     let paths = lora::load_peft(&mut fresh, out.path(), "x", DType::F32).unwrap();
@@ -323,9 +402,16 @@ fn checkpoints_hold_adapter_optimizer_and_state_and_outputs_are_written() {
     let png = std::fs::read(out.path().join("loss.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let log = std::fs::read_to_string(out.path().join("train_log.jsonl")).unwrap();
-    let recs: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let recs: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(recs.iter().filter(|r| r.get("loss").is_some()).count(), 4);
-    assert_eq!(recs.iter().filter(|r| r.get("val_loss").is_some()).count(), 3, "steps 0, 2, 4");
+    assert_eq!(
+        recs.iter().filter(|r| r.get("val_loss").is_some()).count(),
+        3,
+        "steps 0, 2, 4"
+    );
     assert!(recs.iter().all(|r| r["step"].is_u64()));
 }
 
@@ -341,14 +427,29 @@ fn nan_loss_stops_with_an_error_naming_the_step() {
     let err = t.train_step().unwrap_err();
     assert!(matches!(err, Error::Training { step: 3, .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("step 3") && msg.contains("NaN"), "{msg} (poisoned {name})");
+    assert!(
+        msg.contains("step 3") && msg.contains("NaN"),
+        "{msg} (poisoned {name})"
+    );
 }
 
 #[test]
 fn loss_decreases_on_a_tiny_overfit_task() {
     let mut model = tiny_model();
-    let data = TrainData { train: (0..4).map(|i| example(i, 10, 2)).collect::<Vec<_>>().into(), valid: vec![], pad_id: 0 };
-    let mut cfg = TrainConfig { lr: 2e-2, warmup: 0, iters: 40, batch_size: 4, val_every: 0, save_every: 0, ..small_cfg() };
+    let data = TrainData {
+        train: (0..4).map(|i| example(i, 10, 2)).collect::<Vec<_>>().into(),
+        valid: vec![],
+        pad_id: 0,
+    };
+    let mut cfg = TrainConfig {
+        lr: 2e-2,
+        warmup: 0,
+        iters: 40,
+        batch_size: 4,
+        val_every: 0,
+        save_every: 0,
+        ..small_cfg()
+    };
     cfg.lora.dropout = 0.0;
     cfg.lora.rank = 8;
     let mut t = Trainer::new(&mut model, cfg, data, None).unwrap();
@@ -366,9 +467,15 @@ fn num_layers_adapts_only_the_last_layers() {
     let t = Trainer::new(&mut model, cfg, tiny_data(4), None).unwrap();
     let names: Vec<&str> = t.params().iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names.len(), 14);
-    assert!(names.iter().all(|n| n.starts_with("model.layers.1.")), "{names:?}");
+    assert!(
+        names.iter().all(|n| n.starts_with("model.layers.1.")),
+        "{names:?}"
+    );
     let lora_cfg = t.config().lora_config(t.model(), 2).unwrap();
-    assert_eq!(lora_cfg.layers_to_transform, Some(lora::OneOrMany::Many(vec![1])));
+    assert_eq!(
+        lora_cfg.layers_to_transform,
+        Some(lora::OneOrMany::Many(vec![1]))
+    );
     assert!(matches!(lora_cfg.target_modules, Some(TargetModules::List(ref l)) if l.len() == 7));
 }
 
@@ -390,37 +497,102 @@ fn bad_options_give_clear_errors() {
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains(needle), "`{err}` should mention `{needle}`");
     };
-    check(TrainConfig { iters: 0, ..TrainConfig::default() }, "iters must be at least 1");
-    check(TrainConfig { batch_size: 0, ..TrainConfig::default() }, "batch_size");
-    check(TrainConfig { grad_accum: 0, ..TrainConfig::default() }, "grad_accum");
-    check(TrainConfig { lr: -1.0, ..TrainConfig::default() }, "lr -1");
-    check(TrainConfig { warmup: 200, iters: 100, ..TrainConfig::default() }, "warmup 200");
-    check(TrainConfig { clip_grad_norm: Some(0.0), ..TrainConfig::default() }, "clip_grad_norm");
-    check(TrainConfig { betas: (1.0, 0.9), ..TrainConfig::default() }, "betas");
+    check(
+        TrainConfig {
+            iters: 0,
+            ..TrainConfig::default()
+        },
+        "iters must be at least 1",
+    );
+    check(
+        TrainConfig {
+            batch_size: 0,
+            ..TrainConfig::default()
+        },
+        "batch_size",
+    );
+    check(
+        TrainConfig {
+            grad_accum: 0,
+            ..TrainConfig::default()
+        },
+        "grad_accum",
+    );
+    check(
+        TrainConfig {
+            lr: -1.0,
+            ..TrainConfig::default()
+        },
+        "lr -1",
+    );
+    check(
+        TrainConfig {
+            warmup: 200,
+            iters: 100,
+            ..TrainConfig::default()
+        },
+        "warmup 200",
+    );
+    check(
+        TrainConfig {
+            clip_grad_norm: Some(0.0),
+            ..TrainConfig::default()
+        },
+        "clip_grad_norm",
+    );
+    check(
+        TrainConfig {
+            betas: (1.0, 0.9),
+            ..TrainConfig::default()
+        },
+        "betas",
+    );
     let mut c = TrainConfig::default();
     c.lora.dropout = 1.0;
     check(c, "dropout");
     let err = "sawtooth".parse::<Schedule>().unwrap_err().to_string();
-    assert!(err.contains("unknown schedule `sawtooth`") && err.contains("cosine"), "{err}");
-    assert!(parse_targets(" , ").unwrap_err().to_string().contains("--targets is empty"));
-    assert!(parse_targets("re:(").unwrap_err().to_string().contains("--targets regex"));
-    assert_eq!(parse_targets("q_proj, v_proj").unwrap(), TargetModules::names(&["q_proj", "v_proj"]));
+    assert!(
+        err.contains("unknown schedule `sawtooth`") && err.contains("cosine"),
+        "{err}"
+    );
+    assert!(parse_targets(" , ")
+        .unwrap_err()
+        .to_string()
+        .contains("--targets is empty"));
+    assert!(parse_targets("re:(")
+        .unwrap_err()
+        .to_string()
+        .contains("--targets regex"));
+    assert_eq!(
+        parse_targets("q_proj, v_proj").unwrap(),
+        TargetModules::names(&["q_proj", "v_proj"])
+    );
     // Unknown keys in a config file are named.
-    let err = serde_json::from_str::<TrainConfig>(r#"{"iterz": 3}"#).unwrap_err().to_string();
+    let err = serde_json::from_str::<TrainConfig>(r#"{"iterz": 3}"#)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("iterz"), "{err}");
     // The trainer refuses before touching the model.
     let mut model = tiny_model();
-    let bad = TrainConfig { iters: 0, ..small_cfg() };
+    let bad = TrainConfig {
+        iters: 0,
+        ..small_cfg()
+    };
     assert!(Trainer::new(&mut model, bad, tiny_data(3), None).is_err());
     assert!(lora::adapter_names(&model).is_empty());
     // A regex target cannot be cut to the last layers.
     let mut c = small_cfg();
     c.lora.targets = TargetModules::Pattern(".*q_proj".into());
     c.lora.num_layers = Some(1);
-    let err = Trainer::new(&mut model, c, tiny_data(3), None).err().unwrap().to_string();
+    let err = Trainer::new(&mut model, c, tiny_data(3), None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("num_layers"), "{err}");
     // Resuming from something that is no checkpoint names the file.
     let dir = tempfile::tempdir().unwrap();
-    let err = lorafuse::train::resolve_checkpoint(dir.path()).unwrap_err().to_string();
+    let err = lorafuse::train::resolve_checkpoint(dir.path())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("neither a checkpoint"), "{err}");
 }

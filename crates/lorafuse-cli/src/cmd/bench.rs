@@ -24,6 +24,29 @@ pub enum BenchWhat {
     Ops(OpsArgs),
     /// Batch-1 greedy decode speed of a model (prefill, then one cached step per token).
     Decode(DecodeArgs),
+    /// LoRA training-step throughput (forward, backward, AdamW) on random tokens.
+    Train(TrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// LoRA rank (alpha is twice the rank, as in the peers' script).
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Timed steps (after `--warmup` untimed ones).
+    #[arg(long, default_value_t = 12)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -333,9 +356,86 @@ fn bench_decode(args: &DecodeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Device memory in use (total minus free), where the backend can tell.
+fn device_mem_used(dev: &Device) -> Option<u64> {
+    match dev {
+        Device::Cpu => lorafuse::train::log::peak_rss_bytes(),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => candle_core::cuda::cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(free, total)| (total - free) as u64),
+        _ => None,
+    }
+}
+
+fn bench_train(args: &TrainArgs) -> anyhow::Result<()> {
+    use lorafuse::lora::{self, LoraConfig, TargetModules};
+    let mut loaded = args.model.load()?;
+    let dev = loaded.device.clone();
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let cfg = LoraConfig::new(args.rank, 2.0 * args.rank as f64, TargetModules::names(&targets));
+    lora::apply_lora(&mut loaded.model, "default", &cfg, DType::F32, 0)?;
+    lora::set_training(&mut loaded.model, true);
+    let named = lora::trainable_vars(&loaded.model);
+    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let opt = lorafuse::train::optim::AdamW::new(&named)?;
+    let vocab = loaded.model.config().vocab_size as u32;
+    let n = args.batch_size * args.seq_len;
+    let ids: Vec<u32> = (0..n as u64).map(|i| ((i * 2654435761) % vocab as u64) as u32).collect();
+    let batch = lorafuse::data::Batch {
+        labels: ids.iter().map(|&i| i as i64).collect(),
+        input_ids: ids,
+        batch: args.batch_size,
+        seq_len: args.seq_len,
+        tokens: n,
+    };
+    let hp = lorafuse_ops::AdamWParams { lr: 1e-4, ..Default::default() };
+    let mut step = 0;
+    let mut loss = 0.0;
+    let mut peak = 0u64;
+    let mut run_step = |peak: &mut u64| -> anyhow::Result<f64> {
+        step += 1;
+        let g = lorafuse::train::loss::accumulate_grads(&loaded.model, &vars, std::slice::from_ref(&batch))?;
+        opt.step(&vars, &g.grads, step, &hp)?;
+        *peak = (*peak).max(device_mem_used(&dev).unwrap_or(0));
+        Ok(g.loss)
+    };
+    for _ in 0..args.warmup {
+        run_step(&mut peak)?;
+    }
+    dev.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..args.steps {
+        loss = run_step(&mut peak)?;
+    }
+    dev.synchronize()?;
+    let dt = t.elapsed().as_secs_f64();
+    let result = serde_json::json!({
+        "impl": "lorafuse",
+        "model": args.model.model.display().to_string(),
+        "device": lorafuse::device::device_name(&dev),
+        "dtype": args.model.dtype,
+        "kernels": format!("{:?}", lorafuse_ops::kernel_mode()),
+        "batch": args.batch_size,
+        "seq": args.seq_len,
+        "rank": args.rank,
+        "lora_params": vars.iter().map(|v| v.elem_count()).sum::<usize>(),
+        "tokens_per_s": (n * args.steps) as f64 / dt,
+        "step_ms": dt * 1e3 / args.steps as f64,
+        "mem_used_gib": peak as f64 / (1u64 << 30) as f64,
+        "loss": loss,
+    });
+    println!("{result}");
+    if let Some(p) = &args.json {
+        lorafuse::error::write_atomic(p, result.to_string().as_bytes())?;
+    }
+    Ok(())
+}
+
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.what {
         BenchWhat::Ops(a) => bench_ops(a),
         BenchWhat::Decode(a) => bench_decode(a),
+        BenchWhat::Train(a) => bench_train(a),
     }
 }

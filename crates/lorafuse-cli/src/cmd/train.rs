@@ -266,6 +266,16 @@ fn side_by_side(left_title: &str, left: &str, right_title: &str, right: &str) ->
     s
 }
 
+/// Prints a line above the progress bar (indicatif drops `println` while the bar is hidden, as it
+/// is when stderr is not a terminal).
+fn say(pb: &ProgressBar, line: &str) {
+    if pb.is_hidden() {
+        println!("{line}");
+    } else {
+        pb.suspend(|| println!("{line}"));
+    }
+}
+
 fn compare(
     model: &mut Llama,
     tok: &TextTokenizer,
@@ -390,29 +400,25 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 let v = serde_json::json!({"event": "report", "step": r.step, "train_loss": r.train_loss,
                     "lr": r.lr, "it_per_s": r.it_per_s, "tokens_per_s": r.tokens_per_s,
                     "trained_tokens": r.trained_tokens, "peak_mem_bytes": r.peak_mem_bytes});
-                pb.suspend(|| println!("{v}"));
+                say(&pb, &v.to_string());
             } else {
-                pb.println(r.to_string());
+                say(&pb, &r.to_string());
             }
         }
         TrainEvent::Validation { step, loss } => {
             if json {
-                pb.suspend(|| {
-                    println!(
-                        "{}",
-                        serde_json::json!({"event": "validation", "step": step, "val_loss": loss})
-                    )
-                });
+                let v = serde_json::json!({"event": "validation", "step": step, "val_loss": loss});
+                say(&pb, &v.to_string());
             } else {
-                pb.println(format!("Iter {step}: val loss {loss:.3}"));
+                say(&pb, &format!("Iter {step}: val loss {loss:.3}"));
             }
         }
         TrainEvent::Checkpoint { step, dir } => {
             if !json {
-                pb.println(format!(
-                    "Iter {step}: checkpoint saved to {}",
-                    dir.display()
-                ));
+                say(
+                    &pb,
+                    &format!("Iter {step}: checkpoint saved to {}", dir.display()),
+                );
             }
         }
     };

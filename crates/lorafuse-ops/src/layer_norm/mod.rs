@@ -11,6 +11,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
 pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -19,7 +21,9 @@ use crate::cpu_util::{self, Backends};
 use crate::error::shape_err;
 
 const OP: &str = "layer_norm";
-const BACKENDS: Backends = Backends { metal: false };
+const BACKENDS: Backends = Backends {
+    metal: cfg!(feature = "metal"),
+};
 
 /// LayerNorm over the last dimension with gain `weight` and optional `bias` (`[hidden]`).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
@@ -133,6 +137,20 @@ impl CustomOp3 for LayerNormOp {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let out = metal::fwd(self.eps, (s1, l1), (s2, l2), Some((s3, l3)))?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -173,6 +191,18 @@ impl CustomOp2 for LayerNormOp {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = cuda::fwd(self.eps, (s1, l1), (s2, l2), None)?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let out = metal::fwd(self.eps, (s1, l1), (s2, l2), None)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -240,6 +270,21 @@ impl CustomOp3 for LayerNormBwdOp {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let want = (self.want_dw, self.want_db);
         let out = cuda::bwd(self.eps, want, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, self.out_shape(l1)))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let want = (self.want_dw, self.want_db);
+        let out = metal::bwd(self.eps, want, (s1, l1), (s2, l2), (s3, l3))?;
         Ok((out, self.out_shape(l1)))
     }
 }

@@ -11,6 +11,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
 pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -19,7 +21,9 @@ use crate::cpu_util::{self, Backends};
 use crate::error::shape_err;
 
 const OP: &str = "rms_norm";
-const BACKENDS: Backends = Backends { metal: false };
+const BACKENDS: Backends = Backends {
+    metal: cfg!(feature = "metal"),
+};
 
 /// RMSNorm over the last dimension of `x` with gain `weight` (`[hidden]`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -101,6 +105,17 @@ impl CustomOp2 for RmsNormOp {
         Ok((cuda::fwd(self.eps, s1, l1, s2, l2)?, l1.shape().clone()))
     }
 
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        Ok((metal::fwd(self.eps, s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -175,6 +190,20 @@ impl CustomOp3 for RmsNormBwdOp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = cuda::bwd(self.eps, self.want_dw, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, self.out_shape(l1)))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let out = metal::bwd(self.eps, self.want_dw, (s1, l1), (s2, l2), (s3, l3))?;
         Ok((out, self.out_shape(l1)))
     }
 }

@@ -8,6 +8,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
 pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -16,7 +18,9 @@ use crate::cpu_util::{self, Backends};
 use crate::error::shape_err;
 
 const OP: &str = "rope";
-const BACKENDS: Backends = Backends { metal: false };
+const BACKENDS: Backends = Backends {
+    metal: cfg!(feature = "metal"),
+};
 
 /// How the rotated pairs are laid out in the head dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +128,29 @@ impl CustomOp3 for RopeOp {
         let (t, d) = Self::dims(l1)?;
         let interleaved = self.layout == RopeLayout::Interleaved;
         let out = cuda::rotate(
+            (t, d),
+            interleaved,
+            self.inverse,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let (t, d) = Self::dims(l1)?;
+        let interleaved = self.layout == RopeLayout::Interleaved;
+        let out = metal::rotate(
             (t, d),
             interleaved,
             self.inverse,

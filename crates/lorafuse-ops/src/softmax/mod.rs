@@ -7,6 +7,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
 pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -14,7 +16,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use crate::cpu_util::{self, Backends};
 
 const OP: &str = "softmax";
-const BACKENDS: Backends = Backends { metal: false };
+const BACKENDS: Backends = Backends {
+    metal: cfg!(feature = "metal"),
+};
 
 /// `exp(x - max) / sum(exp(x - max))` over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -54,6 +58,15 @@ impl CustomOp1 for SoftmaxOp {
         Ok((cuda::fwd(s, l)?, l.shape().clone()))
     }
 
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        Ok((metal::fwd(s, l)?, l.shape().clone()))
+    }
+
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let dx = y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwdOp)?;
         Ok(Some(dx))
@@ -90,5 +103,16 @@ impl CustomOp2 for SoftmaxBwdOp {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         Ok((cuda::bwd(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        Ok((metal::bwd(s1, l1, s2, l2)?, l1.shape().clone()))
     }
 }

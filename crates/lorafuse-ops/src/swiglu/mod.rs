@@ -8,6 +8,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
 pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -16,7 +18,9 @@ use crate::cpu_util::{self, Backends};
 use crate::error::shape_err;
 
 const OP: &str = "swiglu";
-const BACKENDS: Backends = Backends { metal: false };
+const BACKENDS: Backends = Backends {
+    metal: cfg!(feature = "metal"),
+};
 
 /// `silu(gate) * up`, elementwise; `gate` and `up` have the same shape.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -75,6 +79,17 @@ impl CustomOp2 for SwigluOp {
         Ok((cuda::fwd(s1, l1, s2, l2)?, l1.shape().clone()))
     }
 
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        Ok((metal::fwd(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         gate: &Tensor,
@@ -123,6 +138,20 @@ impl CustomOp3 for SwigluBwdOp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = cuda::bwd((s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, Shape::from((2, l1.shape().elem_count()))))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let out = metal::bwd((s1, l1), (s2, l2), (s3, l3))?;
         Ok((out, Shape::from((2, l1.shape().elem_count()))))
     }
 }

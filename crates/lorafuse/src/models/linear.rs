@@ -1,5 +1,6 @@
 //! The projection layer models are built from, and the slot that adapters replace.
 
+use super::quantized::{QuantFormat, QuantizedWeight};
 use candle_core::{Result, Tensor};
 use std::any::Any;
 
@@ -21,22 +22,63 @@ pub type LinearSlot = Box<dyn LinearLayer>;
 
 /// A frozen `y = x W^T + b`, `W` `[out, in]` as stored in checkpoints. Its forward never computes
 /// a gradient for `W` or `b` (see `lorafuse_ops::frozen_linear`).
+///
+/// It may also hold a quantized copy of `W` (see [`super::quantized`]): inference inputs (no
+/// gradient tracked) then take the quantized product, as long as `weight` is still the tensor the
+/// copy was made from.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    quantized: Option<QuantizedWeight>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            quantized: None,
+        }
     }
 
     /// Loads `weight` (and `bias` when `bias` is set) under `vb`, checking the shape.
     pub fn load(vb: &candle_nn::VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias))
+    }
+
+    /// Makes a quantized copy of the current weight for inference (`name` labels errors).
+    pub fn quantize(&mut self, name: &str, format: QuantFormat) -> crate::Result<()> {
+        self.quantized = Some(QuantizedWeight::new(name, &self.weight, format)?);
+        Ok(())
+    }
+
+    /// Drops the quantized copy: every forward is dense again.
+    pub fn clear_quantized(&mut self) {
+        self.quantized = None;
+    }
+
+    /// The quantized copy, if it is still a copy of the current weight.
+    pub fn quantized(&self) -> Option<&QuantizedWeight> {
+        self.quantized.as_ref().filter(|q| q.is_copy_of(&self.weight))
+    }
+
+    /// `x W^T + b` from the quantized copy, or `None` when the dense product must run: no valid
+    /// copy, or `x` tracks a gradient (training differentiates through the exact weight).
+    pub fn forward_quantized(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(q) = self.quantized() else {
+            return Ok(None);
+        };
+        if x.track_op() {
+            return Ok(None);
+        }
+        let y = q.matmul_t(x)?;
+        Ok(Some(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }))
     }
 
     /// `(out, in)`.
@@ -53,6 +95,9 @@ impl Linear {
 
 impl LinearLayer for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_quantized(x)? {
+            return Ok(y);
+        }
         lorafuse_ops::frozen_linear(x, &self.weight, self.bias.as_ref())
     }
     fn base(&self) -> &Linear {

@@ -4,6 +4,8 @@
 pub mod bert;
 pub mod linear;
 pub mod llama;
+pub mod quantized;
 
 pub use linear::{Linear, LinearLayer, LinearSlot};
 pub use llama::{KvCache, Llama};
+pub use quantized::{quantize_linears, QuantFormat, QuantizeSpec};
