@@ -23,9 +23,21 @@ enum Command {
     Perplexity(cmd::perplexity::PerplexityArgs),
     /// Benchmarks: fused ops vs stock Candle, and batch-1 decode speed (GPU synchronised).
     Bench(cmd::bench::BenchArgs),
+    /// Sentence embeddings with a sentence-transformers folder (BERT family), as it computes them.
+    Embed(cmd::embed::EmbedArgs),
     /// Merge LoRA adapters into the base weights and write a Hugging Face model folder.
     Merge(cmd::merge::MergeArgs),
-    /// Fine-tune a LoRA adapter; with no arguments, the shipped job (SmolLM2 on data/, then base vs tuned answers).
+    /// Fine-tune a LoRA adapter (PEFT format); with no arguments, the shipped job.
+    ///
+    /// With no arguments: SmolLM2-135M-Instruct learns the answer format of data/ (`Answer: ...` /
+    /// `Confidence: high|medium|low`), the adapter goes to adapters/main-job/, and the base and
+    /// tuned models' greedy answers to data/heldout.jsonl are printed side by side.
+    ///
+    /// The data folder holds train.jsonl and optionally valid.jsonl, one JSON object per line in
+    /// one of mlx-lm's formats: {"text"}, {"messages": [...]} (loss on assistant turns) or
+    /// {"prompt", "completion"} (loss on the completion). Outputs in --adapter-out:
+    /// adapter_config.json + adapter_model.safetensors (PEFT loads them), train_log.jsonl,
+    /// loss.png, train_config.json, and checkpoints/step-N/ every --save-every steps.
     Train(Box<cmd::train::TrainArgs>),
 }
 
@@ -42,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Perplexity(a) => cmd::perplexity::run(a),
         Command::Merge(a) => cmd::merge::run(a),
+        Command::Embed(a) => cmd::embed::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Train(a) => cmd::train::run(a),
     }

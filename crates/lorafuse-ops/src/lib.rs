@@ -18,16 +18,16 @@
 
 pub mod adamw;
 pub mod attention;
-pub mod cross_entropy;
 mod cpu_util;
+pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda_util;
 mod dispatch;
 mod error;
-#[cfg(feature = "metal")]
-mod metal_util;
 pub mod layer_norm;
 pub mod lora_linear;
+#[cfg(feature = "metal")]
+mod metal_util;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;

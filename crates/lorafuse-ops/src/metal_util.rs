@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
+use candle_core::backend::BackendStorage;
 use candle_core::metal_backend::DeviceId;
 use candle_core::{DType, Layout, MetalDevice, MetalStorage, Result};
 use candle_metal_kernels::metal::{Buffer, ComputeCommandEncoder, ComputePipeline, Library};

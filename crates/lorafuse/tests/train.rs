@@ -197,7 +197,8 @@ fn adamw_step_matches_hand_computation() {
     for (t, g) in gs.iter().enumerate() {
         let step = t + 1;
         let g_t = Tensor::new(g, &Device::Cpu).unwrap();
-        opt.step(&[param.clone()], &[g_t], step, &hp).unwrap();
+        opt.step(std::slice::from_ref(&param), &[g_t], step, &hp)
+            .unwrap();
         for i in 0..4 {
             let gi = g[i] as f64;
             m[i] = 0.9 * m[i] + 0.1 * gi;
@@ -595,4 +596,41 @@ fn bad_options_give_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("neither a checkpoint"), "{err}");
+}
+
+#[test]
+fn bf16_model_trains_f32_adapters_with_f32_moments() {
+    let mut model = tiny_model();
+    // Rebuild the tiny model's weights in bf16.
+    let tensors: HashMap<String, Tensor> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(DType::BF16).unwrap()))
+        .collect();
+    let cfg = model.config().clone();
+    model = Llama::load(
+        VarBuilder::from_tensors(tensors, DType::BF16, &Device::Cpu),
+        &cfg,
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let c = TrainConfig {
+        iters: 4,
+        save_every: 4,
+        ..small_cfg()
+    };
+    let mut t = Trainer::new(&mut model, c, tiny_data(5), Some(out.path())).unwrap();
+    assert!(t.params().iter().all(|(_, v)| v.dtype() == DType::F32));
+    t.run(&mut |_| {}).unwrap();
+    let pts = t.log().train_points();
+    assert!(pts.iter().all(|p| p.1.is_finite()) && pts.len() == 4);
+    let opt = candle_core::safetensors::load(
+        checkpoint_dir(out.path(), 4).join("optimizer.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(opt.values().all(|t| t.dtype() == DType::F32));
+    assert!(read_adapter(out.path())
+        .values()
+        .all(|t| t.dtype() == DType::F32));
 }

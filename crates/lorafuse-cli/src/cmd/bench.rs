@@ -26,6 +26,22 @@ pub enum BenchWhat {
     Decode(DecodeArgs),
     /// LoRA training-step throughput (forward, backward, AdamW) on random tokens.
     Train(TrainArgs),
+    /// Sentence-embedding throughput (docs/s) for 1, 32 and 1000 documents, as peers_infer.py.
+    Embed(EmbedBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EmbedBenchArgs {
+    /// A sentence-transformers folder.
+    #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
+    pub model: PathBuf,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -432,8 +448,39 @@ fn bench_train(args: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn bench_embed(args: &EmbedBenchArgs) -> anyhow::Result<()> {
+    let dev = lorafuse::device::parse_device(Some(&args.device))?;
+    let dtype = lorafuse::device::parse_dtype(&args.dtype)?;
+    let mut embedder = lorafuse::embed::Embedder::load(&args.model, &dev, dtype)?;
+    // The peers' documents: one sentence plus a number, ~29 tokens each.
+    let doc = "Low-rank adaptation freezes the pretrained weights and trains small matrices in each layer, which makes fine-tuning cheap. ";
+    let docs: Vec<String> = (0..1000).map(|i| format!("{doc}{i}")).collect();
+    let mut rows = Vec::new();
+    for n in [1usize, 32, 1000] {
+        embedder.options_mut().batch_size = n.min(256);
+        embedder.encode(&docs[..n])?;
+        dev.synchronize()?;
+        let reps = (200 / n).max(1);
+        let t = Instant::now();
+        for _ in 0..reps {
+            embedder.encode(&docs[..n])?;
+        }
+        dev.synchronize()?;
+        let s = t.elapsed().as_secs_f64() / reps as f64;
+        let r = serde_json::json!({"impl": "lorafuse", "device": lorafuse::device::device_name(&dev),
+            "dtype": args.dtype, "docs": n, "ms": s * 1e3, "docs_per_s": n as f64 / s});
+        println!("{r}");
+        rows.push(r);
+    }
+    if let Some(p) = &args.json {
+        lorafuse::error::write_atomic(p, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+    }
+    Ok(())
+}
+
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.what {
+        BenchWhat::Embed(a) => bench_embed(a),
         BenchWhat::Ops(a) => bench_ops(a),
         BenchWhat::Decode(a) => bench_decode(a),
         BenchWhat::Train(a) => bench_train(a),

@@ -3,6 +3,7 @@
 pub mod adapters;
 pub mod bench;
 pub mod common;
+pub mod embed;
 pub mod generate;
 pub mod merge;
 pub mod perplexity;

@@ -30,17 +30,6 @@ fn dflt(text: &str, v: impl std::fmt::Display) -> String {
 
 /// Fine-tune a LoRA adapter (PEFT format) on a JSONL data folder.
 #[derive(Args, Debug)]
-#[command(
-    long_about = "Fine-tune a LoRA adapter (PEFT format) on a JSONL data folder.\n\n\
-With no arguments this runs the shipped job: SmolLM2-135M-Instruct learns the answer format of \
-data/ (`Answer: ...` / `Confidence: ...`), the adapter goes to adapters/main-job/, and the base and \
-tuned models' greedy answers to data/heldout.jsonl are printed side by side.\n\n\
-The data folder holds train.jsonl and optionally valid.jsonl, one JSON object per line in one of \
-mlx-lm's formats: {\"text\"}, {\"messages\": [...]} (loss on assistant turns) or {\"prompt\", \
-\"completion\"} (loss on the completion).\n\n\
-Outputs in --adapter-out: adapter_config.json + adapter_model.safetensors (loadable by PEFT), \
-train_log.jsonl, loss.png, train_config.json, and checkpoints/step-N/ every --save-every steps."
-)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,

@@ -66,6 +66,10 @@ pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             ),
         ));
     }
+    if x.elem_count() == 0 {
+        // Nothing to launch; the reference handles empty shapes.
+        return reference::rms_norm_reference(x, weight, eps);
+    }
     x.contiguous()?
         .apply_op2(&weight.contiguous()?, RmsNormOp { eps: eps as f32 })
 }

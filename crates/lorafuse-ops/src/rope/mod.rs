@@ -61,6 +61,10 @@ pub fn rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: RopeLayout) ->
             ),
         ));
     }
+    if x.elem_count() == 0 {
+        // Nothing to launch; the reference handles empty shapes.
+        return reference::rope_reference(x, cos, sin, layout);
+    }
     // The tables are constants: detached, so autograd never walks into them.
     let cos = cos.detach().to_dtype(x.dtype())?.contiguous()?;
     let sin = sin.detach().to_dtype(x.dtype())?.contiguous()?;

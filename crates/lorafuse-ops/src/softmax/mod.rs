@@ -22,7 +22,7 @@ const BACKENDS: Backends = Backends {
 
 /// `exp(x - max) / sum(exp(x - max))` over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if cpu_util::fused_supported(x, BACKENDS) {
+    if cpu_util::fused_supported(x, BACKENDS) || x.elem_count() == 0 {
         softmax_fused(x)
     } else {
         reference::softmax_reference(x)
@@ -32,6 +32,11 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// The fused softmax kernel, whatever the kernel mode; errors on a backend or dtype without one.
 /// Strided inputs are made contiguous first (a differentiable copy).
 pub fn softmax_fused(x: &Tensor) -> Result<Tensor> {
+    if x.elem_count() == 0 {
+        // Nothing to launch (and Candle's max reduction rejects empty input): softmax of an
+        // empty tensor is an empty tensor.
+        return x.zeros_like();
+    }
     x.contiguous()?.apply_op1(SoftmaxOp)
 }
 

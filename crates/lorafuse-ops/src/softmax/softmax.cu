@@ -28,7 +28,9 @@ __device__ __forceinline__ void softmax_fwd_impl(const T* __restrict__ x, T* __r
     if (v > m) {
       s = s * expf(m - v) + 1.f;
       m = v;
-    } else {
+    } else if (m != -INFINITY) {
+      // Both -inf (a masked entry before any finite one): contributes nothing, and expf(NaN)
+      // must not poison the sum.
       s += expf(v - m);
     }
   };

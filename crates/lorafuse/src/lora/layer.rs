@@ -336,6 +336,20 @@ impl LinearLayer for LoraLinear {
         } else {
             Vec::new()
         };
+        // Inference on a quantized base (`models::quantized`): the base product from the
+        // quantized copy, each adapter's delta on top in its own dtype. Training stays dense.
+        if !self.training {
+            if let Some(mut y) = self.base.forward_quantized(x)? {
+                for (a, weight) in &live {
+                    let xa = x.to_dtype(a.a.dtype())?;
+                    let (la, lb) = (a.a.as_tensor(), a.b.as_tensor());
+                    let d = lorafuse_ops::lora_delta(&xa, la, lb, a.scale * weight)?;
+                    let d = d.to_dtype(y.dtype())?;
+                    y = (y + d)?;
+                }
+                return Ok(y);
+            }
+        }
         let w = &self.base.weight;
         let bias = self.base.bias.as_ref();
         let dropping = |a: &LoraAdapter| self.training && a.dropout > 0.0;

@@ -122,7 +122,7 @@ pub struct TrainConfig {
     pub warmup: usize,
     /// Where linear and cosine decay head (reached just after the last step). Default 0.
     pub min_lr: f64,
-    /// Optimizer steps. Default 120.
+    /// Optimizer steps. Default 100.
     pub iters: usize,
     /// Sequences per micro-batch. Default 4.
     pub batch_size: usize,
@@ -133,7 +133,8 @@ pub struct TrainConfig {
     pub max_seq_len: usize,
     /// Pack several examples per row instead of padding one per row. Default false.
     pub packing: bool,
-    /// Validation loss every N steps (and after the last); 0 turns validation off. Default 20.
+    /// Validation loss before the first step, every N steps and after the last; 0 turns
+    /// validation off. Default 25.
     pub val_every: usize,
     /// Validation batches per evaluation; 0 means the whole validation set. Default 0.
     pub val_batches: usize,
@@ -162,12 +163,12 @@ impl Default for TrainConfig {
             schedule: Schedule::Cosine,
             warmup: 10,
             min_lr: 0.0,
-            iters: 120,
+            iters: 100,
             batch_size: 4,
             grad_accum: 1,
             max_seq_len: 256,
             packing: false,
-            val_every: 20,
+            val_every: 25,
             val_batches: 0,
             save_every: 50,
             steps_per_report: 10,

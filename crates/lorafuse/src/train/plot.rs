@@ -223,7 +223,7 @@ fn draw_chart<DB: DrawingBackend>(
         &AXIS_COLOR,
     )?;
     draw_text(root, "loss", (8, 12), &AXIS_COLOR)?;
-    let mut lx = w - right as i32 - 200;
+    let mut lx = w - right - 200;
     for (name, color) in [("train", TRAIN_COLOR), ("val", VAL_COLOR)] {
         root.draw(&Rectangle::new([(lx, 16), (lx + 24, 19)], color.filled()))
             .map_err(plot_err)?;

@@ -55,7 +55,8 @@ pub struct Report {
     pub it_per_s: f64,
     pub tokens_per_s: f64,
     pub trained_tokens: usize,
-    /// Peak resident memory of the process (host memory, also on a GPU).
+    /// Peak resident memory of the process when training on the CPU; `None` on a GPU, where
+    /// host memory says little (the log line shows `n/a`).
     pub peak_mem_bytes: Option<u64>,
 }
 
@@ -370,7 +371,7 @@ impl<'m> Trainer<'m> {
             win_steps += 1;
             win_tokens += s.tokens;
             let last = self.step == self.cfg.iters;
-            if self.step % self.cfg.steps_per_report == 0 || last {
+            if self.step.is_multiple_of(self.cfg.steps_per_report) || last {
                 let secs = win_start.elapsed().as_secs_f64().max(1e-9);
                 let r = Report {
                     step: self.step,
@@ -379,13 +380,17 @@ impl<'m> Trainer<'m> {
                     it_per_s: win_steps as f64 / secs,
                     tokens_per_s: win_tokens as f64 / secs,
                     trained_tokens: self.trained_tokens,
-                    peak_mem_bytes: peak_rss_bytes(),
+                    peak_mem_bytes: if self.model.device().is_cpu() {
+                        peak_rss_bytes()
+                    } else {
+                        None
+                    },
                 };
                 on_event(TrainEvent::Report(&r));
                 (win_loss, win_steps, win_tokens) = (0.0, 0, 0);
                 win_start = Instant::now();
             }
-            if val_every > 0 && (self.step % val_every == 0 || last) {
+            if val_every > 0 && (self.step.is_multiple_of(val_every) || last) {
                 if let Some(l) = self.validate()? {
                     on_event(TrainEvent::Validation {
                         step: self.step,
@@ -395,7 +400,7 @@ impl<'m> Trainer<'m> {
                 }
             }
             if let Some(out) = &self.out_dir {
-                if self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0 {
+                if self.cfg.save_every > 0 && self.step.is_multiple_of(self.cfg.save_every) {
                     let dir = checkpoint::checkpoint_dir(out, self.step);
                     self.save_checkpoint_to(&dir)?;
                     on_event(TrainEvent::Checkpoint {

@@ -2,7 +2,7 @@
 //! reference (forward and the gradients of q, k and v), against finite differences in f64, on
 //! prefill (`tq == tk`), decode (`tq == 1`) and chunked-prefill (`1 < tq < tk`) shapes.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::{check_finite_differences, check_fused_vs_reference, rand_tensor};

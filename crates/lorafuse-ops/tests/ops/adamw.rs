@@ -1,7 +1,7 @@
 //! AdamW: the fused step against the stock-Candle reference over several steps and tensors of odd
 //! shapes, for f32, f64 and half-precision parameters (moments always f32).
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::{max_abs_diff, rand_tensor};

@@ -1,7 +1,7 @@
 //! Cross-entropy with `ignore_index`: the fused op against the stock-Candle reference (loss and
 //! logits gradient, every reduction), against finite differences in f64, and the masking claims.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::{assert_close, grads_of, max_abs_diff, rand_tensor};

@@ -1,7 +1,7 @@
 //! RoPE in both layouts: the fused kernel against the stock-Candle reference (forward and
 //! autograd) and against finite differences, on every device.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::{check_finite_differences, check_fused_vs_reference, grad_tol, rand_tensor};

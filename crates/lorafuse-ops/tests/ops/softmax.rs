@@ -1,7 +1,7 @@
 //! Softmax over the last dimension: the fused kernel against the stock-Candle reference (forward
 //! and autograd) and against finite differences, on every device.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::{check_finite_differences, check_fused_vs_reference, grad_tol, rand_tensor};
@@ -125,5 +125,12 @@ fn kernel_mode_reference_runs_the_reference_path() -> Result<()> {
         common::bitwise_equal(&in_fused, &f)?,
         "Fused mode ran the reference"
     );
+    Ok(())
+}
+
+#[test]
+fn empty_input_passes_through() -> Result<()> {
+    let x = Tensor::zeros((3, 0, 5), DType::F32, &Device::Cpu)?;
+    assert_eq!(softmax_fused(&x)?.dims(), &[3, 0, 5]);
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! RMSNorm (+ residual add) and LayerNorm: the fused kernels against the stock-Candle reference
 //! (forward and autograd) and against finite differences, on every device.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::{check_finite_differences, check_fused_vs_reference, grad_tol, rand_tensor};
@@ -243,5 +243,14 @@ fn kernel_mode_reference_runs_the_reference_path() -> Result<()> {
         common::bitwise_equal(&ln_f, &fused_ln)?,
         "Fused mode ran layer_norm reference"
     );
+    Ok(())
+}
+
+#[test]
+fn empty_inputs_pass_through() -> Result<()> {
+    let x = Tensor::zeros((0, 8), DType::F32, &Device::Cpu)?;
+    let w = Tensor::ones(8, DType::F32, &Device::Cpu)?;
+    assert_eq!(rms_norm_fused(&x, &w, EPS)?.dims(), &[0, 8]);
+    assert_eq!(layer_norm_fused(&x, &w, Some(&w), EPS)?.dims(), &[0, 8]);
     Ok(())
 }

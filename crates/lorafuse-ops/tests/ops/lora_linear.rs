@@ -2,7 +2,7 @@
 //! (forward and autograd) and against finite differences, and the claims LoRA training rests on:
 //! the frozen base weight gets no gradient, and a zero `B` leaves the base output untouched.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::{

@@ -1,7 +1,7 @@
 //! SwiGLU: the fused kernel against the stock-Candle reference (forward and autograd of both
 //! inputs) and against finite differences, on every device.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::{check_finite_differences, check_fused_vs_reference, grad_tol, rand_tensor};
@@ -123,5 +123,12 @@ fn kernel_mode_reference_runs_the_reference_path() -> Result<()> {
         common::bitwise_equal(&in_fused, &f)?,
         "Fused mode ran the reference"
     );
+    Ok(())
+}
+
+#[test]
+fn empty_inputs_pass_through() -> Result<()> {
+    let x = Tensor::zeros((0, 5), DType::F32, &Device::Cpu)?;
+    assert_eq!(swiglu_fused(&x, &x)?.dims(), &[0, 5]);
     Ok(())
 }
