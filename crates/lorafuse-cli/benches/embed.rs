@@ -2,8 +2,8 @@
 //! `../shared/bench/peers_infer.py` (its sentence-transformers part is the peer; run
 //! `benches/embed_peer.py` in the same session for the figures to compare).
 //!
-//! `cargo bench -p lorafuse-cli --bench embed -- [--model DIR] [--device D] [--dtype T] [--repeat R]`
-//! prints one JSON line per size. `--repeat R` repeats the base sentence R times (1: 29 tokens per
+//! `cargo bench -p lorafuse-cli --bench embed -- [--model DIR] [--device D] [--dtype T]
+//! [--repeat R] [--sizes 1,32,1000]` prints one JSON line per size. `--repeat R` repeats the base sentence R times (1: 29 tokens per
 //! document as in peers_infer.py; 2: 53 tokens).
 
 use candle_core::Device;
@@ -28,6 +28,9 @@ struct Args {
     /// Minimum timed passes per size (more for small sizes: at least 200 documents in all).
     #[arg(long, default_value_t = 3)]
     min_reps: usize,
+    /// Documents per forward pass (default: the peer's `min(docs, 256)`).
+    #[arg(long)]
+    batch_size: Option<usize>,
     // `cargo bench` passes `--bench`; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -61,7 +64,7 @@ fn main() -> anyhow::Result<()> {
         let n = n.min(docs.len());
         // The peer script's batch size.
         *emb.options_mut() = EmbedOptions {
-            batch_size: n.clamp(1, 256),
+            batch_size: args.batch_size.unwrap_or(n.clamp(1, 256)),
             ..Default::default()
         };
         let batch = &docs[..n];

@@ -119,19 +119,28 @@ impl LlamaConfig {
                 supported: SUPPORTED_ARCHS,
             });
         }
-        if raw.num_attention_heads == 0 || !raw.hidden_size.is_multiple_of(raw.num_attention_heads) && raw.head_dim.is_none() {
+        if raw.num_attention_heads == 0
+            || !raw.hidden_size.is_multiple_of(raw.num_attention_heads) && raw.head_dim.is_none()
+        {
             return Err(Error::key(
                 path,
                 "num_attention_heads",
-                format!("{} does not divide hidden_size {}", raw.num_attention_heads, raw.hidden_size),
+                format!(
+                    "{} does not divide hidden_size {}",
+                    raw.num_attention_heads, raw.hidden_size
+                ),
             ));
         }
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if num_key_value_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_key_value_heads) {
+        if num_key_value_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_key_value_heads)
+        {
             return Err(Error::key(
                 path,
                 "num_key_value_heads",
-                format!("{num_key_value_heads} does not divide num_attention_heads {}", raw.num_attention_heads),
+                format!(
+                    "{num_key_value_heads} does not divide num_attention_heads {}",
+                    raw.num_attention_heads
+                ),
             ));
         }
         let rope_block = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
@@ -142,7 +151,11 @@ impl LlamaConfig {
         let rope_scaling = match rope_block {
             None => RopeScaling::Default,
             Some(r) => {
-                let kind = r.rope_type.as_deref().or(r.kind.as_deref()).unwrap_or("default");
+                let kind = r
+                    .rope_type
+                    .as_deref()
+                    .or(r.kind.as_deref())
+                    .unwrap_or("default");
                 match kind {
                     "default" => RopeScaling::Default,
                     "llama3" => RopeScaling::Llama3 {
@@ -168,7 +181,9 @@ impl LlamaConfig {
         };
         let is_qwen2 = model_type == "qwen2";
         Ok(LlamaConfig {
-            head_dim: raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads),
+            head_dim: raw
+                .head_dim
+                .unwrap_or(raw.hidden_size / raw.num_attention_heads),
             model_type,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,

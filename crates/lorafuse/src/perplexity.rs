@@ -92,7 +92,11 @@ pub fn read_text_records(path: &Path) -> Result<Vec<String>> {
 }
 
 /// Scores every text; the overall mean weights records by their token counts.
-pub fn score_texts(model: &Llama, tok: &TextTokenizer, texts: &[String]) -> Result<PerplexityReport> {
+pub fn score_texts(
+    model: &Llama,
+    tok: &TextTokenizer,
+    texts: &[String],
+) -> Result<PerplexityReport> {
     let mut records = Vec::with_capacity(texts.len());
     let (mut total, mut count) = (0.0, 0usize);
     for text in texts {

@@ -44,7 +44,10 @@ impl TextTokenizer {
     pub fn from_hf_folder(dir: &Path) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.exists() {
-            return Err(Error::format(&tok_path, "missing (a model folder needs tokenizer.json)"));
+            return Err(Error::format(
+                &tok_path,
+                "missing (a model folder needs tokenizer.json)",
+            ));
         }
         let inner = tokenizers::Tokenizer::from_file(&tok_path)
             .map_err(|e| Error::format(&tok_path, e.to_string()))?;
@@ -67,7 +70,8 @@ impl TextTokenizer {
         };
         let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && jinja.exists() {
-            chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+            chat_template =
+                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
         }
         let mut tok = TextTokenizer {
             inner,
@@ -76,7 +80,11 @@ impl TextTokenizer {
             eos_ids: vec![],
             chat_template,
         };
-        if let Some(id) = tok.eos_token.as_deref().and_then(|t| tok.inner.token_to_id(t)) {
+        if let Some(id) = tok
+            .eos_token
+            .as_deref()
+            .and_then(|t| tok.inner.token_to_id(t))
+        {
             tok.eos_ids.push(id);
         }
         let gen_path = dir.join("generation_config.json");
@@ -90,8 +98,14 @@ impl TextTokenizer {
     /// Adds EOS ids from a JSON number or list (config.json / generation_config.json).
     pub fn add_eos_ids_from_json(&mut self, v: Option<&serde_json::Value>) {
         let ids: Vec<u32> = match v {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|x| x as u32).into_iter().collect()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect(),
             _ => vec![],
         };
         for id in ids {

@@ -5,7 +5,10 @@ use lorafuse::generate::sampler::{apply_repetition_penalty, filtered_probs};
 use lorafuse::generate::{Sampler, SamplingParams, StopWatch};
 
 fn params(temperature: f64) -> SamplingParams {
-    SamplingParams { temperature, ..Default::default() }
+    SamplingParams {
+        temperature,
+        ..Default::default()
+    }
 }
 
 const LOGITS: [f32; 6] = [1.0, 3.0, -2.0, 2.5, 0.0, 2.9];
@@ -18,7 +21,12 @@ fn greedy_picks_the_largest_logit() {
 
 #[test]
 fn top_k_one_is_greedy_at_any_temperature() {
-    let mut s = Sampler::new(SamplingParams { top_k: 1, seed: 3, ..params(5.0) }).unwrap();
+    let mut s = Sampler::new(SamplingParams {
+        top_k: 1,
+        seed: 3,
+        ..params(5.0)
+    })
+    .unwrap();
     for _ in 0..50 {
         assert_eq!(s.sample(&LOGITS, &[]).unwrap(), 1);
     }
@@ -26,10 +34,16 @@ fn top_k_one_is_greedy_at_any_temperature() {
 
 #[test]
 fn top_k_keeps_the_k_most_likely() {
-    let kept: Vec<u32> = filtered_probs(&LOGITS, &SamplingParams { top_k: 3, ..params(1.0) })
-        .into_iter()
-        .map(|(i, _)| i)
-        .collect();
+    let kept: Vec<u32> = filtered_probs(
+        &LOGITS,
+        &SamplingParams {
+            top_k: 3,
+            ..params(1.0)
+        },
+    )
+    .into_iter()
+    .map(|(i, _)| i)
+    .collect();
     assert_eq!(kept, vec![1, 5, 3]);
 }
 
@@ -37,7 +51,16 @@ fn top_k_keeps_the_k_most_likely() {
 fn top_p_keeps_the_smallest_set_reaching_p() {
     // softmax of LOGITS: p1=.361 p5=.327 p3=.219 ... so 0.6 needs two tokens, 0.7 three.
     let ids = |p: f64| -> Vec<u32> {
-        filtered_probs(&LOGITS, &SamplingParams { top_p: p, ..params(1.0) }).into_iter().map(|(i, _)| i).collect()
+        filtered_probs(
+            &LOGITS,
+            &SamplingParams {
+                top_p: p,
+                ..params(1.0)
+            },
+        )
+        .into_iter()
+        .map(|(i, _)| i)
+        .collect()
     };
     assert_eq!(ids(0.3), vec![1]);
     assert_eq!(ids(0.6), vec![1, 5]);
@@ -47,10 +70,16 @@ fn top_p_keeps_the_smallest_set_reaching_p() {
 #[test]
 fn min_p_drops_tokens_below_the_fraction_of_the_best() {
     // p5/p1 = e^-0.1 = .905, p3/p1 = e^-0.5 = .607, p0/p1 = e^-2 = .135
-    let ids: Vec<u32> = filtered_probs(&LOGITS, &SamplingParams { min_p: 0.5, ..params(1.0) })
-        .into_iter()
-        .map(|(i, _)| i)
-        .collect();
+    let ids: Vec<u32> = filtered_probs(
+        &LOGITS,
+        &SamplingParams {
+            min_p: 0.5,
+            ..params(1.0)
+        },
+    )
+    .into_iter()
+    .map(|(i, _)| i)
+    .collect();
     assert_eq!(ids, vec![1, 5, 3]);
 }
 
@@ -59,25 +88,43 @@ fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
     let mut l = LOGITS;
     apply_repetition_penalty(&mut l, &[1, 2, 1], 2.0);
     assert_eq!(l, [1.0, 1.5, -4.0, 2.5, 0.0, 2.9]);
-    let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..params(0.0) }).unwrap();
+    let mut s = Sampler::new(SamplingParams {
+        repetition_penalty: 2.0,
+        ..params(0.0)
+    })
+    .unwrap();
     assert_eq!(s.sample(&LOGITS, &[1]).unwrap(), 5);
 }
 
 #[test]
 fn same_seed_gives_same_tokens_and_frequencies_follow_softmax() {
-    let p = SamplingParams { seed: 42, ..params(1.0) };
+    let p = SamplingParams {
+        seed: 42,
+        ..params(1.0)
+    };
     let draw = |p: &SamplingParams| {
         let mut s = Sampler::new(p.clone()).unwrap();
-        (0..20_000).map(|_| s.sample(&LOGITS, &[]).unwrap()).collect::<Vec<_>>()
+        (0..20_000)
+            .map(|_| s.sample(&LOGITS, &[]).unwrap())
+            .collect::<Vec<_>>()
     };
     let a = draw(&p);
     assert_eq!(a, draw(&p));
-    assert_ne!(a, draw(&SamplingParams { seed: 43, ..p.clone() }));
+    assert_ne!(
+        a,
+        draw(&SamplingParams {
+            seed: 43,
+            ..p.clone()
+        })
+    );
     let z: f64 = LOGITS.iter().map(|&l| (l as f64).exp()).sum();
     for (id, &l) in LOGITS.iter().enumerate() {
         let want = (l as f64).exp() / z;
         let got = a.iter().filter(|&&t| t as usize == id).count() as f64 / a.len() as f64;
-        assert!((got - want).abs() < 0.015, "token {id}: frequency {got} vs probability {want}");
+        assert!(
+            (got - want).abs() < 0.015,
+            "token {id}: frequency {got} vs probability {want}"
+        );
     }
 }
 
@@ -92,9 +139,27 @@ fn temperature_sharpens_the_distribution() {
 #[test]
 fn bad_sampling_options_are_rejected_by_name() {
     for (p, name) in [
-        (SamplingParams { top_p: 0.0, ..params(1.0) }, "top-p"),
-        (SamplingParams { min_p: 1.5, ..params(1.0) }, "min-p"),
-        (SamplingParams { repetition_penalty: 0.0, ..params(1.0) }, "repetition-penalty"),
+        (
+            SamplingParams {
+                top_p: 0.0,
+                ..params(1.0)
+            },
+            "top-p",
+        ),
+        (
+            SamplingParams {
+                min_p: 1.5,
+                ..params(1.0)
+            },
+            "min-p",
+        ),
+        (
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..params(1.0)
+            },
+            "repetition-penalty",
+        ),
         (params(-1.0), "temperature"),
     ] {
         let err = Sampler::new(p).unwrap_err().to_string();
@@ -151,22 +216,39 @@ fn chat_template_renders_like_transformers() {
         s,
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
-    let m = [ChatMessage::new("system", "S"), ChatMessage::new("user", "U")];
+    let m = [
+        ChatMessage::new("system", "S"),
+        ChatMessage::new("user", "U"),
+    ];
     let s = render_chat(SMOL_TEMPLATE, &m, false, None, None).unwrap();
-    assert_eq!(s, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n");
+    assert_eq!(
+        s,
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+    );
 }
 
 #[test]
 fn chat_template_has_python_methods_bos_and_raise_exception() {
     let t = "{{ bos_token }}{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}[{{ m.content.strip().upper() }}]{% endfor %}";
-    let ok = render_chat(t, &[ChatMessage::new("user", "  hi ")], false, Some("<s>"), None).unwrap();
+    let ok = render_chat(
+        t,
+        &[ChatMessage::new("user", "  hi ")],
+        false,
+        Some("<s>"),
+        None,
+    )
+    .unwrap();
     assert_eq!(ok, "<s>[HI]");
-    let err = render_chat(t, &[ChatMessage::new("tool", "x")], false, None, None).unwrap_err().to_string();
+    let err = render_chat(t, &[ChatMessage::new("tool", "x")], false, None, None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("bad role tool"), "{err}");
 }
 
 #[test]
 fn broken_chat_template_is_a_clear_error() {
-    let err = render_chat("{% for m in messages %}", &[], false, None, None).unwrap_err().to_string();
+    let err = render_chat("{% for m in messages %}", &[], false, None, None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("chat template"), "{err}");
 }

@@ -49,7 +49,8 @@ impl AdapterArgs {
 fn load_one(model: &mut Llama, dir: &Path, name: &str) -> anyhow::Result<()> {
     // Adapters stay in f32 whatever the model's dtype: they are small and f32 keeps their
     // precision.
-    if dir.join("adapters.safetensors").exists() && !dir.join("adapter_model.safetensors").exists() {
+    if dir.join("adapters.safetensors").exists() && !dir.join("adapter_model.safetensors").exists()
+    {
         lora::mlx_io::import_mlx(model, dir, name, DType::F32)?;
     } else {
         lora::peft_io::load_peft(model, dir, name, DType::F32)?;

@@ -4,7 +4,6 @@
 //! two outputs join on (op, dtype, shape).
 
 use super::common::ModelArgs;
-use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var, D};
 use clap::{Args, Subcommand};
 use lorafuse_ops::{KernelMode, Reduction};
@@ -114,7 +113,10 @@ struct Row {
 }
 
 /// Mean microseconds per call: warm-up, then at least 10 calls and ~0.3 s, synchronised.
-fn time_us(dev: &Device, mut f: impl FnMut() -> candle_core::Result<()>) -> anyhow::Result<(f64, usize)> {
+fn time_us(
+    dev: &Device,
+    mut f: impl FnMut() -> candle_core::Result<()>,
+) -> anyhow::Result<(f64, usize)> {
     for _ in 0..5 {
         f()?;
     }
@@ -171,8 +173,22 @@ impl Bencher {
         }
         for (mode, imp) in modes {
             lorafuse_ops::set_kernel_mode(mode);
-            let (us, iters) = time_us(&self.dev, &mut f).with_context(|| format!("{op} {shape}"))?;
-            println!("{imp:17} {op:15} {:5} {shape:24} {us:10.2} us", dtype_name(dtype));
+            // One shape failing (e.g. the reference running out of GPU memory) must not lose the
+            // rest of the table: report it and go on.
+            let (us, iters) = match time_us(&self.dev, &mut f) {
+                Ok(r) => r,
+                Err(e) => {
+                    println!(
+                        "{imp:17} {op:15} {:5} {shape:24} failed: {e}",
+                        dtype_name(dtype)
+                    );
+                    continue;
+                }
+            };
+            println!(
+                "{imp:17} {op:15} {:5} {shape:24} {us:10.2} us",
+                dtype_name(dtype)
+            );
             self.rows.push(Row {
                 imp: imp.into(),
                 op: op.into(),
@@ -203,12 +219,25 @@ fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
     let lora_shapes: &[(usize, usize)] = if args.quick {
         &[(1, 512), (512, 512), (512, 1024)]
     } else {
-        &[(1, 512), (512, 512), (512, 1024), (512, 2048), (2048, 4096), (8192, 4096)]
+        &[
+            (1, 512),
+            (512, 512),
+            (512, 1024),
+            (512, 2048),
+            (2048, 4096),
+            (8192, 4096),
+        ]
     };
     let rows: &[(usize, usize)] = if args.quick {
         &[(1, 1024), (512, 1024)]
     } else {
-        &[(1, 1024), (512, 1024), (4096, 4096), (16384, 4096), (16384, 32000)]
+        &[
+            (1, 1024),
+            (512, 1024),
+            (4096, 4096),
+            (16384, 4096),
+            (16384, 32000),
+        ]
     };
     for name in args.dtypes.split(',') {
         let dt = lorafuse::device::parse_dtype(name.trim())?;
@@ -219,7 +248,9 @@ fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
                 let a = randn(&[r, d], 0.02, dt, &dev)?;
                 let bb = randn(&[d, r], 0.02, dt, &dev)?;
                 let sh = format!("t={t} d={d} r={r}");
-                b.run("lora_delta", dt, sh.clone(), || lorafuse_ops::lora_delta(&x, &a, &bb, 2.0).map(drop))?;
+                b.run("lora_delta", dt, sh.clone(), || {
+                    lorafuse_ops::lora_delta(&x, &a, &bb, 2.0).map(drop)
+                })?;
                 b.run("lora_full", dt, sh.clone(), || {
                     lorafuse_ops::lora_linear(&x, &w, None, &a, &bb, 2.0).map(drop)
                 })?;
@@ -227,15 +258,26 @@ fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
                 let av = Var::from_tensor(&a)?;
                 let bv = Var::from_tensor(&bb)?;
                 b.run("lora_full+bwd", dt, sh, || {
-                    let y = lorafuse_ops::lora_linear(xv.as_tensor(), &w, None, av.as_tensor(), bv.as_tensor(), 2.0)?;
+                    let y = lorafuse_ops::lora_linear(
+                        xv.as_tensor(),
+                        &w,
+                        None,
+                        av.as_tensor(),
+                        bv.as_tensor(),
+                        2.0,
+                    )?;
                     y.backward().map(drop)
                 })?;
             }
             let sh = format!("t={t} d={d}");
-            b.run("base_gemm", dt, sh.clone(), || lorafuse_ops::frozen_linear(&x, &w, None).map(drop))?;
+            b.run("base_gemm", dt, sh.clone(), || {
+                lorafuse_ops::frozen_linear(&x, &w, None).map(drop)
+            })?;
             let xv = Var::from_tensor(&x)?;
             b.run("base_gemm+bwd", dt, sh, || {
-                lorafuse_ops::frozen_linear(xv.as_tensor(), &w, None)?.backward().map(drop)
+                lorafuse_ops::frozen_linear(xv.as_tensor(), &w, None)?
+                    .backward()
+                    .map(drop)
             })?;
         }
         for (i, &(r, c)) in rows.iter().enumerate() {
@@ -243,25 +285,42 @@ fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
             let g = Tensor::ones(c, dt, &dev)?;
             let z = Tensor::zeros(c, dt, &dev)?;
             let sh = format!("{r}x{c}");
-            b.run("softmax", dt, sh.clone(), || lorafuse_ops::softmax_last_dim(&x).map(drop))?;
-            b.run("rms_norm", dt, sh.clone(), || lorafuse_ops::rms_norm(&x, &g, 1e-5).map(drop))?;
-            b.run("layer_norm", dt, sh.clone(), || lorafuse_ops::layer_norm(&x, &g, Some(&z), 1e-5).map(drop))?;
-            b.run("swiglu", dt, sh.clone(), || lorafuse_ops::swiglu(&x, &x).map(drop))?;
+            b.run("softmax", dt, sh.clone(), || {
+                lorafuse_ops::softmax_last_dim(&x).map(drop)
+            })?;
+            b.run("rms_norm", dt, sh.clone(), || {
+                lorafuse_ops::rms_norm(&x, &g, 1e-5).map(drop)
+            })?;
+            b.run("layer_norm", dt, sh.clone(), || {
+                lorafuse_ops::layer_norm(&x, &g, Some(&z), 1e-5).map(drop)
+            })?;
+            b.run("swiglu", dt, sh.clone(), || {
+                lorafuse_ops::swiglu(&x, &x).map(drop)
+            })?;
             // forward+backward on the four smaller shapes, as the peers do
             if i < 4 {
                 let xv = Var::from_tensor(&x)?;
                 let gv = Var::from_tensor(&g)?;
                 let zv = Var::from_tensor(&z)?;
                 b.run("softmax+bwd", dt, sh.clone(), || {
-                    lorafuse_ops::softmax_last_dim(xv.as_tensor())?.backward().map(drop)
-                })?;
-                b.run("rms_norm+bwd", dt, sh.clone(), || {
-                    lorafuse_ops::rms_norm(xv.as_tensor(), gv.as_tensor(), 1e-5)?.backward().map(drop)
-                })?;
-                b.run("layer_norm+bwd", dt, sh.clone(), || {
-                    lorafuse_ops::layer_norm(xv.as_tensor(), gv.as_tensor(), Some(zv.as_tensor()), 1e-5)?
+                    lorafuse_ops::softmax_last_dim(xv.as_tensor())?
                         .backward()
                         .map(drop)
+                })?;
+                b.run("rms_norm+bwd", dt, sh.clone(), || {
+                    lorafuse_ops::rms_norm(xv.as_tensor(), gv.as_tensor(), 1e-5)?
+                        .backward()
+                        .map(drop)
+                })?;
+                b.run("layer_norm+bwd", dt, sh.clone(), || {
+                    lorafuse_ops::layer_norm(
+                        xv.as_tensor(),
+                        gv.as_tensor(),
+                        Some(zv.as_tensor()),
+                        1e-5,
+                    )?
+                    .backward()
+                    .map(drop)
                 })?;
             }
         }
@@ -271,16 +330,26 @@ fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
             let k = randn(&[4, 2, t, 64], 1.0, dt, &dev)?;
             let v = randn(&[4, 2, t, 64], 1.0, dt, &dev)?;
             let sh = format!("b4 h14/2 T={t} d64");
-            b.run("attention", dt, sh.clone(), || lorafuse_ops::causal_attention(&q, &k, &v, 0.125).map(drop))?;
+            b.run("attention", dt, sh.clone(), || {
+                lorafuse_ops::causal_attention(&q, &k, &v, 0.125).map(drop)
+            })?;
             let qv = Var::from_tensor(&q)?;
             let kv = Var::from_tensor(&k)?;
             let vv = Var::from_tensor(&v)?;
             b.run("attention+bwd", dt, sh, || {
-                lorafuse_ops::causal_attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), 0.125)?
-                    .backward()
-                    .map(drop)
+                lorafuse_ops::causal_attention(
+                    qv.as_tensor(),
+                    kv.as_tensor(),
+                    vv.as_tensor(),
+                    0.125,
+                )?
+                .backward()
+                .map(drop)
             })?;
-            let (cos, sin) = (randn(&[t, 32], 1.0, DType::F32, &dev)?, randn(&[t, 32], 1.0, DType::F32, &dev)?);
+            let (cos, sin) = (
+                randn(&[t, 32], 1.0, DType::F32, &dev)?,
+                randn(&[t, 32], 1.0, DType::F32, &dev)?,
+            );
             b.run("rope", dt, format!("b4 h14 T={t} d64"), || {
                 lorafuse_ops::rope(&q, &cos, &sin, lorafuse_ops::RopeLayout::HalfRotation).map(drop)
             })?;
@@ -301,8 +370,14 @@ fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
         }
         // AdamW over a LoRA-sized parameter set: r=16 on 7 projections x 24 layers of width 896.
         if b.wants("adamw") {
-            let (count, r, d) = if args.quick { (14, 8, 256) } else { (336, 16, 896) };
-            let mk = |rows: usize, cols: usize| -> candle_core::Result<Var> { Var::from_tensor(&randn(&[rows, cols], 0.02, DType::F32, &dev)?) };
+            let (count, r, d) = if args.quick {
+                (14, 8, 256)
+            } else {
+                (336, 16, 896)
+            };
+            let mk = |rows: usize, cols: usize| -> candle_core::Result<Var> {
+                Var::from_tensor(&randn(&[rows, cols], 0.02, DType::F32, &dev)?)
+            };
             let mut params = Vec::new();
             let mut grads = Vec::new();
             let mut m = Vec::new();
@@ -315,10 +390,15 @@ fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
             }
             let hp = lorafuse_ops::AdamWParams::default();
             let mut step = 0;
-            b.run("adamw", DType::F32, format!("{count} tensors of {r}x{d}"), || {
-                step += 1;
-                lorafuse_ops::adamw_step(&params, &grads, &m, &v, step, &hp)
-            })?;
+            b.run(
+                "adamw",
+                DType::F32,
+                format!("{count} tensors of {r}x{d}"),
+                || {
+                    step += 1;
+                    lorafuse_ops::adamw_step(&params, &grads, &m, &v, step, &hp)
+                },
+            )?;
         }
     }
     if let Some(p) = &args.json {
@@ -332,7 +412,9 @@ fn bench_decode(args: &DecodeArgs) -> anyhow::Result<()> {
     let model = &loaded.model;
     let dev = &loaded.device;
     let vocab = model.config().vocab_size as u32;
-    let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let prompt: Vec<u32> = (0..args.prompt_tokens as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
     let run = |new: usize| -> anyhow::Result<(f64, f64)> {
         let mut cache = model.new_cache(prompt.len() + new);
         dev.synchronize()?;
@@ -348,7 +430,10 @@ fn bench_decode(args: &DecodeArgs) -> anyhow::Result<()> {
             next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
         }
         dev.synchronize()?;
-        Ok((t1.duration_since(t0).as_secs_f64(), t1.elapsed().as_secs_f64()))
+        Ok((
+            t1.duration_since(t0).as_secs_f64(),
+            t1.elapsed().as_secs_f64(),
+        ))
     };
     run(8)?;
     let (prefill, decode) = run(args.new_tokens)?;
@@ -388,8 +473,20 @@ fn bench_train(args: &TrainArgs) -> anyhow::Result<()> {
     use lorafuse::lora::{self, LoraConfig, TargetModules};
     let mut loaded = args.model.load()?;
     let dev = loaded.device.clone();
-    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-    let cfg = LoraConfig::new(args.rank, 2.0 * args.rank as f64, TargetModules::names(&targets));
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    let cfg = LoraConfig::new(
+        args.rank,
+        2.0 * args.rank as f64,
+        TargetModules::names(&targets),
+    );
     lora::apply_lora(&mut loaded.model, "default", &cfg, DType::F32, 0)?;
     lora::set_training(&mut loaded.model, true);
     let named = lora::trainable_vars(&loaded.model);
@@ -397,7 +494,9 @@ fn bench_train(args: &TrainArgs) -> anyhow::Result<()> {
     let opt = lorafuse::train::optim::AdamW::new(&named)?;
     let vocab = loaded.model.config().vocab_size as u32;
     let n = args.batch_size * args.seq_len;
-    let ids: Vec<u32> = (0..n as u64).map(|i| ((i * 2654435761) % vocab as u64) as u32).collect();
+    let ids: Vec<u32> = (0..n as u64)
+        .map(|i| ((i * 2654435761) % vocab as u64) as u32)
+        .collect();
     let batch = lorafuse::data::Batch {
         labels: ids.iter().map(|&i| i as i64).collect(),
         input_ids: ids,
@@ -405,13 +504,20 @@ fn bench_train(args: &TrainArgs) -> anyhow::Result<()> {
         seq_len: args.seq_len,
         tokens: n,
     };
-    let hp = lorafuse_ops::AdamWParams { lr: 1e-4, ..Default::default() };
+    let hp = lorafuse_ops::AdamWParams {
+        lr: 1e-4,
+        ..Default::default()
+    };
     let mut step = 0;
     let mut loss = 0.0;
     let mut peak = 0u64;
     let mut run_step = |peak: &mut u64| -> anyhow::Result<f64> {
         step += 1;
-        let g = lorafuse::train::loss::accumulate_grads(&loaded.model, &vars, std::slice::from_ref(&batch))?;
+        let g = lorafuse::train::loss::accumulate_grads(
+            &loaded.model,
+            &vars,
+            std::slice::from_ref(&batch),
+        )?;
         opt.step(&vars, &g.grads, step, &hp)?;
         *peak = (*peak).max(device_mem_used(&dev).unwrap_or(0));
         Ok(g.loss)

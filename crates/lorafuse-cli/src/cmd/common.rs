@@ -11,7 +11,11 @@ use std::path::PathBuf;
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A Hugging Face model folder (config.json, tokenizer.json, *.safetensors) or a .gguf file.
-    #[arg(long, short = 'm', default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    #[arg(
+        long,
+        short = 'm',
+        default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
     pub model: PathBuf,
     /// Compute dtype: f32, bf16 or f16 (GGUF tensors are dequantized to it on load).
     #[arg(long, default_value = "f32")]

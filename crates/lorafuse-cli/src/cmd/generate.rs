@@ -58,14 +58,23 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let tok = &loaded.tokenizer;
     let prompt = if args.chat {
         let template = tok.chat_template.as_deref().with_context(|| {
-            format!("{} has no chat template: run without --chat", args.model.model.display())
+            format!(
+                "{} has no chat template: run without --chat",
+                args.model.model.display()
+            )
         })?;
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
             messages.push(ChatMessage::new("system", s.clone()));
         }
         messages.push(ChatMessage::new("user", args.prompt.clone()));
-        render_chat(template, &messages, true, tok.bos_token.as_deref(), tok.eos_token.as_deref())?
+        render_chat(
+            template,
+            &messages,
+            true,
+            tok.bos_token.as_deref(),
+            tok.eos_token.as_deref(),
+        )?
     } else {
         args.prompt.clone()
     };

@@ -27,8 +27,13 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<()> {
     args.adapters.apply(&mut loaded.model)?;
     lorafuse::lora::unload_lora(&mut loaded.model, true)?;
     let tensors: HashMap<_, _> = loaded.model.named_tensors().into_iter().collect();
-    lorafuse::loading::save_hf_folder(&args.out, loaded.model.config(), &tensors, &loaded.tokenizer)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    lorafuse::loading::save_hf_folder(
+        &args.out,
+        loaded.model.config(),
+        &tensors,
+        &loaded.tokenizer,
+    )
+    .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("merged model written to {}", args.out.display());
     Ok(())
 }

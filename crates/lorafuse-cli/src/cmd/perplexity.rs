@@ -28,11 +28,24 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
-    println!("{:>6} {:>8} {:>10} {:>10}", "record", "tokens", "mean_nll", "ppl");
+    println!(
+        "{:>6} {:>8} {:>10} {:>10}",
+        "record", "tokens", "mean_nll", "ppl"
+    );
     let fmt = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
     for (i, r) in report.records.iter().enumerate() {
-        println!("{:>6} {:>8} {:>10} {:>10}", i + 1, r.tokens, fmt(r.mean_nll), fmt(r.ppl));
+        println!(
+            "{:>6} {:>8} {:>10} {:>10}",
+            i + 1,
+            r.tokens,
+            fmt(r.mean_nll),
+            fmt(r.ppl)
+        );
     }
-    println!("overall mean_nll {} ppl {}", fmt(report.mean_nll), fmt(report.ppl));
+    println!(
+        "overall mean_nll {} ppl {}",
+        fmt(report.mean_nll),
+        fmt(report.ppl)
+    );
     Ok(())
 }

@@ -2,7 +2,8 @@
 //!
 //! The fused step updates every tensor's parameter and both moments in one pass: on CUDA one
 //! kernel launch covers all tensors (their device pointers packed into one table), in place; on
-//! the CPU a rayon pass per tensor. The arithmetic is f32 in the reference's exact order of
+//! Metal one dispatch per tensor in Candle's one command encoder, in place; on the CPU a rayon
+//! pass per tensor. The arithmetic is f32 in the reference's exact order of
 //! operations (`m*b1 + g*(1-b1)`, `m_hat = m * (1/bc1)`, ...), so the two agree to the last bit
 //! or two. Tensors the fused kernels do not cover (another device, an unusual dtype pair) go
 //! through the reference.
@@ -10,6 +11,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
 pub mod reference;
 
 use crate::dispatch::fused_enabled;
@@ -184,21 +187,20 @@ fn step_gpu(
     m: &[Var],
     v: &[Var],
 ) -> Result<Vec<usize>> {
-    if idx.is_empty() {
-        return Ok(Vec::new());
-    }
+    let (cuda_idx, other): (Vec<usize>, Vec<usize>) = idx
+        .iter()
+        .partition(|&&i| matches!(params[i].device(), Device::Cuda(_)));
+    let (metal_idx, mut rest): (Vec<usize>, Vec<usize>) = other
+        .into_iter()
+        .partition(|&i| matches!(params[i].device(), Device::Metal(_)));
     #[cfg(feature = "cuda")]
-    {
-        let (cuda_idx, other): (Vec<usize>, Vec<usize>) = idx
-            .iter()
-            .partition(|&&i| matches!(params[i].device(), Device::Cuda(_)));
-        let mut rest = cuda::step(c, &cuda_idx, params, grads, m, v)?;
-        rest.extend(other);
-        Ok(rest)
-    }
+    rest.extend(cuda::step(c, &cuda_idx, params, grads, m, v)?);
     #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (c, params, grads, m, v, Device::Cpu);
-        Ok(idx.to_vec())
-    }
+    rest.extend(cuda_idx);
+    #[cfg(feature = "metal")]
+    rest.extend(metal::step(c, &metal_idx, params, grads, m, v)?);
+    #[cfg(not(feature = "metal"))]
+    rest.extend(metal_idx);
+    let _ = (c, grads, m, v);
+    Ok(rest)
 }

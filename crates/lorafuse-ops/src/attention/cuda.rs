@@ -36,10 +36,10 @@ unsafe impl DeviceRepr for AttDims {}
 impl AttDims {
     fn new(dm: Dims) -> Result<Self> {
         let i = |n: usize, what: &str| cuda_util::to_i32(n, what, OP);
-        if dm.d == 0 || dm.d > super::CUDA_MAX_HEAD_DIM {
+        if dm.d == 0 || dm.d > super::GPU_MAX_HEAD_DIM {
             return Err(shape_err(
                 OP,
-                format!("head dim {} outside 1..={}", dm.d, super::CUDA_MAX_HEAD_DIM),
+                format!("head dim {} outside 1..={}", dm.d, super::GPU_MAX_HEAD_DIM),
             ));
         }
         Ok(Self {

@@ -9,6 +9,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
 pub mod reference;
 
 use crate::dispatch::fused_enabled;
@@ -21,8 +23,8 @@ use std::sync::Mutex;
 
 const OP: &str = "causal_attention";
 
-/// Largest head dimension the CUDA kernels take (registers hold one row of `q` and of the output).
-pub const CUDA_MAX_HEAD_DIM: usize = 128;
+/// Largest head dimension the GPU kernels take (registers hold one row of `q` and of the output).
+pub const GPU_MAX_HEAD_DIM: usize = 128;
 
 /// Causal attention. `q` is `[b, hq, tq, d]`, `k`/`v` are `[b, hkv, tk, d]` with `hq % hkv == 0`
 /// and `tk >= tq`: the queries are the last `tq` positions, so query `i` sees keys
@@ -78,10 +80,15 @@ fn supported(q: &Tensor, k: &Tensor, v: &Tensor, dm: &cpu::Dims) -> bool {
         Device::Cuda(_) => {
             cfg!(feature = "cuda")
                 && matches!(dt, DType::F32 | DType::BF16 | DType::F16)
-                && dm.d <= CUDA_MAX_HEAD_DIM
+                && dm.d <= GPU_MAX_HEAD_DIM
                 && dm.d > 0
         }
-        Device::Metal(_) => false,
+        Device::Metal(_) => {
+            cfg!(feature = "metal")
+                && matches!(dt, DType::F32 | DType::BF16 | DType::F16)
+                && dm.d <= GPU_MAX_HEAD_DIM
+                && dm.d > 0
+        }
     }
 }
 
@@ -181,6 +188,22 @@ impl CustomOp3 for AttentionOp {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let dm = layout_dims(ql, kl, vl, self.scale)?;
         let (o, lse) = cuda::fwd((qs, ql), (ks, kl), (vs, vl), dm)?;
+        self.save(lse);
+        Ok((o, ql.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        qs: &candle_core::MetalStorage,
+        ql: &Layout,
+        ks: &candle_core::MetalStorage,
+        kl: &Layout,
+        vs: &candle_core::MetalStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let dm = layout_dims(ql, kl, vl, self.scale)?;
+        let (o, lse) = metal::fwd((qs, ql), (ks, kl), (vs, vl), dm)?;
         self.save(lse);
         Ok((o, ql.shape().clone()))
     }
@@ -296,6 +319,23 @@ impl CustomOp3 for AttentionBwd {
             &self.lse,
             dm,
         )?;
+        let n = ql.shape().elem_count() + 2 * kl.shape().elem_count();
+        Ok((out, Shape::from(n)))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        qs: &candle_core::MetalStorage,
+        ql: &Layout,
+        ks: &candle_core::MetalStorage,
+        kl: &Layout,
+        vs: &candle_core::MetalStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let dm = layout_dims(ql, kl, vl, self.scale)?;
+        let (o, g, lse) = (&self.o, &self.g, &self.lse);
+        let out = metal::bwd((qs, ql), (ks, kl), (vs, vl), o, g, lse, dm)?;
         let n = ql.shape().elem_count() + 2 * kl.shape().elem_count();
         Ok((out, Shape::from(n)))
     }

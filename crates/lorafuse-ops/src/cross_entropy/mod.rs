@@ -12,6 +12,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
 pub mod reference;
 
 use crate::dispatch::fused_enabled;
@@ -56,7 +58,7 @@ pub fn cross_entropy(
             ),
         ));
     }
-    if fused_enabled() && supported(logits, targets) {
+    if fused_enabled() && supported(logits, targets, ignore_index) {
         cross_entropy_fused(logits, targets, ignore_index, reduction)
     } else {
         reference::cross_entropy_reference(logits, targets, ignore_index, reduction)
@@ -75,10 +77,10 @@ pub fn cross_entropy_fused(
         // nothing to fuse; the reference gives the empty/zero answer
         return reference::cross_entropy_reference(logits, targets, ignore_index, reduction);
     }
-    // the CUDA kernels read i64 targets (n values: the conversion is cheap)
+    // the GPU kernels read i64 targets (n values: the conversion is cheap)
     let targets = match logits.device() {
-        Device::Cuda(_) => targets.to_dtype(DType::I64)?.contiguous()?,
-        _ => targets.contiguous()?,
+        Device::Cpu => targets.contiguous()?,
+        _ => targets.to_dtype(DType::I64)?.contiguous()?,
     };
     let op = CrossEntropyOp {
         ignore_index,
@@ -88,21 +90,24 @@ pub fn cross_entropy_fused(
     logits.contiguous()?.apply_op2(&targets, op)
 }
 
-fn supported(logits: &Tensor, targets: &Tensor) -> bool {
+fn supported(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> bool {
     let (l, t) = (logits.dtype(), targets.dtype());
-    let same_device = logits.device().same_device(targets.device());
-    same_device
+    let half_or_f32 = matches!(l, DType::F32 | DType::BF16 | DType::F16);
+    let gpu_targets = matches!(t, DType::I64 | DType::U32);
+    logits.device().same_device(targets.device())
         && match logits.device() {
             Device::Cpu => {
                 matches!(l, DType::F32 | DType::F64 | DType::BF16 | DType::F16)
                     && matches!(t, DType::I64 | DType::U32 | DType::I32 | DType::U8)
             }
-            Device::Cuda(_) => {
-                cfg!(feature = "cuda")
-                    && matches!(l, DType::F32 | DType::BF16 | DType::F16)
-                    && matches!(t, DType::I64 | DType::U32)
+            Device::Cuda(_) => cfg!(feature = "cuda") && half_or_f32 && gpu_targets,
+            // the Metal kernels take the ignore index as a 32-bit int
+            Device::Metal(_) => {
+                cfg!(feature = "metal")
+                    && half_or_f32
+                    && gpu_targets
+                    && i32::try_from(ignore_index).is_ok()
             }
-            Device::Metal(_) => false,
         }
 }
 
@@ -222,6 +227,19 @@ impl CustomOp2 for CrossEntropyOp {
         tl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (out, shape, saved) = cuda::fwd(ls, ll, ts, tl, self.ignore_index, self.reduction)?;
+        self.save(saved);
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        ls: &candle_core::MetalStorage,
+        ll: &Layout,
+        ts: &candle_core::MetalStorage,
+        tl: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let (out, shape, saved) = metal::fwd(ls, ll, ts, tl, self.ignore_index, self.reduction)?;
         self.save(saved);
         Ok((out, shape))
     }
@@ -380,6 +398,21 @@ impl CustomOp3 for CrossEntropyBwd {
             self.ignore_index,
             self.reduction,
         )?;
+        Ok((d, ll.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        ls: &candle_core::MetalStorage,
+        ll: &Layout,
+        ts: &candle_core::MetalStorage,
+        tl: &Layout,
+        gs: &candle_core::MetalStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let (s, i, r) = (&self.saved, self.ignore_index, self.reduction);
+        let d = metal::bwd(ls, ll, ts, tl, gs, gl, s, i, r)?;
         Ok((d, ll.shape().clone()))
     }
 }

@@ -1,6 +1,6 @@
-//! Sentence embeddings with BERT-family encoders, computed as sentence-transformers computes them:
-//! tokenise (truncated at `max_seq_length`), pad to the longest in the batch, encode, pool under the
-//! attention mask, optionally L2-normalise.
+//! Sentence embeddings with BERT-family encoders, computed as sentence-transformers computes
+//! them: tokenise (truncated at `max_seq_length`), pad to the longest in the batch, encode, pool
+//! under the attention mask, optionally L2-normalise.
 //!
 //! ```no_run
 //! use lorafuse::embed::Embedder;

@@ -41,6 +41,16 @@ const LEGACY_KEYS: [(&str, PoolingMode); 6] = [
     ("pooling_mode_lasttoken", PoolingMode::LastToken),
 ];
 
+/// The mode names sentence-transformers writes, for error messages.
+const NAMES: [&str; 6] = [
+    "cls",
+    "max",
+    "mean",
+    "mean_sqrt_len_tokens",
+    "weightedmean",
+    "lasttoken",
+];
+
 impl PoolingMode {
     /// Parses sentence-transformers' mode names (`cls`, `max`, `mean`, `mean_sqrt_len_tokens`,
     /// `weightedmean`, `lasttoken`).
@@ -71,7 +81,7 @@ impl PoolingMode {
                 Error::key(
                     path,
                     "pooling_mode",
-                    format!("unknown mode `{name}` (cls, max, mean, mean_sqrt_len_tokens, weightedmean, lasttoken)"),
+                    format!("unknown mode `{name}` (one of {})", NAMES.join(", ")),
                 )
             })
         };

@@ -72,7 +72,10 @@ impl Generation {
 }
 
 fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
-    Ok(logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    Ok(logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 /// Generates from `prompt_ids`, calling `on_text` with each piece of text as soon as it is final.
@@ -84,7 +87,9 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
     if prompt_ids.is_empty() {
-        return Err(Error::Invalid("empty prompt: nothing to condition on".into()));
+        return Err(Error::Invalid(
+            "empty prompt: nothing to condition on".into(),
+        ));
     }
     let context = model.config().max_position_embeddings;
     if prompt_ids.len() >= context {

@@ -95,7 +95,10 @@ impl Sampler {
             r -= p;
         }
         // Rounding left r at the very end: the last kept token.
-        Ok(probs.last().map(|&(id, _)| id).unwrap_or_else(|| argmax(&logits)))
+        Ok(probs
+            .last()
+            .map(|&(id, _)| id)
+            .unwrap_or_else(|| argmax(&logits)))
     }
 }
 
@@ -143,7 +146,10 @@ pub fn filtered_probs(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
     let Some(&(_, max)) = scored.first() else {
         return scored;
     };
-    let mut probs: Vec<(u32, f64)> = scored.into_iter().map(|(i, l)| (i, (l - max).exp())).collect();
+    let mut probs: Vec<(u32, f64)> = scored
+        .into_iter()
+        .map(|(i, l)| (i, (l - max).exp()))
+        .collect();
     let total: f64 = probs.iter().map(|&(_, q)| q).sum();
     if p.top_p < 1.0 {
         // Keep tokens until the kept mass reaches top_p (always at least one).

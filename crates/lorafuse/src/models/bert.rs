@@ -100,7 +100,8 @@ impl BertConfig {
                 ));
             }
         }
-        if raw.num_attention_heads == 0 || raw.hidden_size % raw.num_attention_heads != 0 {
+        if raw.num_attention_heads == 0 || !raw.hidden_size.is_multiple_of(raw.num_attention_heads)
+        {
             return Err(Error::key(
                 path,
                 "num_attention_heads",
@@ -394,8 +395,8 @@ fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// `erf` for f32 as a rational function on [-4, 4] (Eigen's `generic_fast_erf_float`; absolute
-/// error under 5e-7 there), saturating outside, where `erf` rounds to +-1 in f32. Branch-free, so that the
-/// loop over a tensor vectorises.
+/// error under 5e-7 there), saturating outside, where `erf` rounds to +-1 in f32. Branch-free,
+/// so that the loop over a tensor vectorises.
 #[inline(always)]
 fn erf_f32(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);

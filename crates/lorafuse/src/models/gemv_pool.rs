@@ -54,7 +54,9 @@ impl Shared {
             let n = outs.len();
             buf.clear();
             buf.resize(self.rows * n, 0f32);
-            let ok = catch_unwind(AssertUnwindSafe(|| self.job.compute(outs.clone(), &mut buf)));
+            let ok = catch_unwind(AssertUnwindSafe(|| {
+                self.job.compute(outs.clone(), &mut buf)
+            }));
             match ok {
                 Ok(()) => {
                     for r in 0..self.rows {
@@ -95,7 +97,11 @@ fn helpers() -> &'static [Sender<Arc<Shared>>] {
 }
 
 /// Runs `job` for outputs `0..out_dim` and `rows` input rows; returns `[rows, out_dim]`.
-pub(crate) fn run(job: Arc<dyn RowJob>, out_dim: usize, rows: usize) -> candle_core::Result<Vec<f32>> {
+pub(crate) fn run(
+    job: Arc<dyn RowJob>,
+    out_dim: usize,
+    rows: usize,
+) -> candle_core::Result<Vec<f32>> {
     let macs = job.cost_per_output() * out_dim * rows;
     let helpers = if macs >= PARALLEL_MIN_MACS && out_dim > CHUNK {
         helpers()

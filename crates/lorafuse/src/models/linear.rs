@@ -43,9 +43,18 @@ impl Linear {
     }
 
     /// Loads `weight` (and `bias` when `bias` is set) under `vb`, checking the shape.
-    pub fn load(vb: &candle_nn::VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    pub fn load(
+        vb: &candle_nn::VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
         Ok(Self::new(weight, bias))
     }
 
@@ -62,7 +71,9 @@ impl Linear {
 
     /// The quantized copy, if it is still a copy of the current weight.
     pub fn quantized(&self) -> Option<&QuantizedWeight> {
-        self.quantized.as_ref().filter(|q| q.is_copy_of(&self.weight))
+        self.quantized
+            .as_ref()
+            .filter(|q| q.is_copy_of(&self.weight))
     }
 
     /// `x W^T + b` from the quantized copy, or `None` when the dense product must run: no valid

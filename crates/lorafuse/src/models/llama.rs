@@ -46,8 +46,8 @@ fn inverse_frequencies(cfg: &LlamaConfig) -> Vec<f64> {
                     } else if wavelen > low_wavelen {
                         f / factor
                     } else {
-                        let smooth =
-                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -79,7 +79,10 @@ impl RotaryTables {
     }
 
     fn slice(&self, offset: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        Ok((self.cos.narrow(0, offset, len)?, self.sin.narrow(0, offset, len)?))
+        Ok((
+            self.cos.narrow(0, offset, len)?,
+            self.sin.narrow(0, offset, len)?,
+        ))
     }
 }
 
@@ -153,7 +156,9 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+            y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split(self.q_proj.forward(x)?, self.heads)?;
         let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
@@ -169,7 +174,9 @@ impl Attention {
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let y = lorafuse_ops::causal_attention(&q, &k, &v, scale)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
 }
@@ -280,7 +287,23 @@ impl Llama {
 
     /// Final normalised hidden states `[b, t, hidden]` for `input_ids` (`[b, t]`, u32). With a
     /// cache, the ids continue the cached sequence and their keys/values are appended.
-    pub fn forward_hidden(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        // On the CPU the whole pass runs on a worker of Candle's pool: the ops' parallel sections
+        // then start on a pool thread instead of each handing off from (and blocking) the
+        // caller's thread, ~200 hand-offs per decode step that cost a wake-up each.
+        if std::env::var_os("LF_NOCTX").is_some() {
+            return self.hidden_states(input_ids, cache);
+        }
+        self.device
+            .with_context(|| self.hidden_states(input_ids, cache))
+    }
+
+    /// [`Llama::forward_hidden`] without the device context.
+    fn hidden_states(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
         if offset + t > self.cfg.max_position_embeddings {
@@ -291,15 +314,17 @@ impl Llama {
         }
         let (cos, sin) = self.rope.slice(offset, t)?;
         let ids = input_ids.flatten_all()?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let mut x =
+            self.embed_tokens
+                .index_select(&ids, 0)?
+                .reshape((b, t, self.cfg.hidden_size))?;
         let eps = self.cfg.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let normed = lorafuse_ops::rms_norm(&x, &layer.input_layernorm, eps)?;
-            let attn = layer.self_attn.forward(&normed, (&cos, &sin), layer_cache)?;
+            let attn = layer
+                .self_attn
+                .forward(&normed, (&cos, &sin), layer_cache)?;
             let (resid, normed) =
                 lorafuse_ops::add_rms_norm(&attn, &x, &layer.post_attention_layernorm, eps)?;
             x = (layer.mlp.forward(&normed)? + resid)?;
@@ -309,17 +334,27 @@ impl Llama {
 
     /// Logits `[b, t, vocab]` for every position.
     pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let h = self.forward_hidden(input_ids, cache)?;
-        Ok(self.lm_head.forward(&h)?)
+        self.device.with_context(|| {
+            let h = self.hidden_states(input_ids, cache)?;
+            Ok(self.lm_head.forward(&h)?)
+        })
     }
 
     /// Logits `[b, vocab]` of the last position only: generation needs nothing else, and skipping
     /// the LM head for the other prompt positions saves most of a prefill's head GEMM.
     pub fn forward_last(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let h = self.forward_hidden(input_ids, cache)?;
-        let t = h.dim(1)?;
-        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
-        Ok(self.lm_head.forward(&last)?)
+        if std::env::var_os("LF_NOCTX").is_some() {
+            let h = self.hidden_states(input_ids, cache)?;
+            let t = h.dim(1)?;
+            let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+            return Ok(self.lm_head.forward(&last)?);
+        }
+        self.device.with_context(|| {
+            let h = self.hidden_states(input_ids, cache)?;
+            let t = h.dim(1)?;
+            let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+            Ok(self.lm_head.forward(&last)?)
+        })
     }
 
     /// The LM head, applied to hidden states (chunked losses call it per chunk).
@@ -368,10 +403,16 @@ impl Llama {
     /// The model's tensors under their checkpoint names (base weights, merged adapters included),
     /// for exporting a Hugging Face folder. Tied models have no `lm_head.weight`.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), l.input_layernorm.clone()));
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                l.input_layernorm.clone(),
+            ));
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
                 l.post_attention_layernorm.clone(),

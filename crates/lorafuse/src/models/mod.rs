@@ -5,6 +5,7 @@ pub mod bert;
 mod gemv_pool;
 pub mod linear;
 pub mod llama;
+mod qgemv;
 pub mod quantized;
 
 pub use linear::{Linear, LinearLayer, LinearSlot};

@@ -2,8 +2,8 @@
 //!
 //! Batch-1 decoding on a CPU is bound by the bytes of weight read per token (540 MB for
 //! SmolLM2-135M in f32). Storing the frozen base weights in a GGML block format cuts that by 4x
-//! (q8_0) or 7x (q4_0); the products run on Candle's SIMD block dot products, the activations
-//! being quantized per 32-block on the fly (as llama.cpp does).
+//! (q8_0) or 6x (q4_0); the products run as i8 block dot products ([`super::qgemv`]), the
+//! activations being quantized per 32-block on the fly (as llama.cpp does).
 //!
 //! The quantized copy lives beside the dense weight in [`Linear`]; models never see it. It is only
 //! used when the input tracks no gradient (inference), and only while the dense weight is the very
@@ -11,30 +11,31 @@
 //! (the layer falls back to the dense product) instead of computing with old weights. The dense
 //! weight stays in memory: merging, exporting and training read it.
 //!
-//! The row loop is ours rather than `QMatMul`'s: Candle's pool waits for its workers by spinning,
-//! which on a loaded machine (other processes on the cores) costs a scheduler time slice per
-//! matmul and made decoding 4x slower than one thread. Here the calling thread takes rows from a
-//! shared cursor with [`super::gemv_pool`]'s helpers and never waits for a helper that has not
-//! started: it then simply does all the rows itself.
+//! Why not Candle's `QMatMul`: its thread pool waits for its workers by spinning, which on a
+//! loaded machine (other processes on the cores) costs a scheduler time slice per product and
+//! made decoding 4x slower than one thread; and its x86 q8_0 dot converts two f16 scales through
+//! a function call per 32-block (q4_1 and q5_* have no SIMD dot at all there). Here the calling
+//! thread shares rows with [`super::gemv_pool`]'s helpers without ever waiting for one that has
+//! not started, and the scales are f32.
 
 use super::gemv_pool::{self, RowJob};
 use super::linear::Linear;
+use super::qgemv::{QActs, QMatrix, K_MULTIPLE};
 use crate::lora::HasLinears;
 use crate::{Error, Result};
-use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ8_0, GgmlType};
 use candle_core::{DType, Tensor, TensorId};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-/// A GGML block format for frozen weights. Both use blocks of 32 input columns (the k-quants
-/// need multiples of 256, which SmolLM2's 576 is not) and both have AVX2 dot products in Candle;
-/// q4_1 and q5_* have only scalar ones on x86, so they are not offered.
+/// A block format for frozen weights: llama.cpp's q8_0 and q4_0 schemes (blocks of 32 input
+/// columns; the k-quants' blocks of 256 do not divide SmolLM2's width of 576), with f32 scales.
+/// Input widths must be multiples of 64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantFormat {
-    /// 8-bit values, one f16 scale per block of 32: 1.06 bytes per weight, near-lossless.
+    /// 8-bit values, one scale per block of 32: 1.125 bytes per weight, near-lossless.
     Q8_0,
-    /// 4-bit values, one f16 scale per block of 32: 0.56 bytes per weight.
+    /// 4-bit values, one scale per block of 32: 0.625 bytes per weight.
     Q4_0,
 }
 
@@ -50,9 +51,10 @@ impl QuantFormat {
         }
     }
 
-    /// Input columns per block.
-    pub fn block_size(self) -> usize {
-        32
+    /// What the input width of a quantized weight must be a multiple of (two blocks of 32:
+    /// q4 packs block pairs).
+    pub fn width_multiple(self) -> usize {
+        K_MULTIPLE
     }
 }
 
@@ -79,34 +81,21 @@ impl FromStr for QuantFormat {
     }
 }
 
-/// The blocks of a `[out, in]` weight, row after row.
-#[derive(Debug)]
-enum Blocks {
-    Q8_0(Arc<Vec<BlockQ8_0>>),
-    Q4_0(Arc<Vec<BlockQ4_0>>),
-}
-
 /// A quantized copy of a dense `[out, in]` weight, tied to the tensor it was made from.
 #[derive(Debug, Clone)]
 pub struct QuantizedWeight {
-    blocks: Arc<Blocks>,
+    blocks: Arc<QMatrix>,
     out_dim: usize,
     in_dim: usize,
     source: TensorId,
     format: QuantFormat,
 }
 
-fn quantize_rows<T: GgmlType>(w: &[f32]) -> Arc<Vec<T>> {
-    let mut blocks = vec![T::zeros(); w.len() / T::BLCK_SIZE];
-    T::from_float(w, &mut blocks);
-    Arc::new(blocks)
-}
-
 impl QuantizedWeight {
     /// Quantizes `weight` (`[out, in]`, any float dtype, on the CPU); `name` labels errors.
     pub fn new(name: &str, weight: &Tensor, format: QuantFormat) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
-        let block = format.block_size();
+        let block = format.width_multiple();
         if !weight.device().is_cpu() {
             return Err(Error::Invalid(format!(
                 "`{name}`: quantized inference runs on the CPU only (weight is on {:?})",
@@ -115,15 +104,20 @@ impl QuantizedWeight {
         }
         if in_dim % block != 0 || in_dim == 0 {
             return Err(Error::TensorShape {
-                name: format!("{name} ({format} needs the input width to be a multiple of {block})"),
+                name: format!(
+                    "{name} ({format} needs the input width to be a multiple of {block})"
+                ),
                 expected: vec![out_dim, in_dim.next_multiple_of(block).max(block)],
                 found: vec![out_dim, in_dim],
             });
         }
-        let w = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let w = weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let blocks = match format {
-            QuantFormat::Q8_0 => Blocks::Q8_0(quantize_rows(&w)),
-            QuantFormat::Q4_0 => Blocks::Q4_0(quantize_rows(&w)),
+            QuantFormat::Q8_0 => QMatrix::q8(&w),
+            QuantFormat::Q4_0 => QMatrix::q4(&w),
         };
         Ok(Self {
             blocks: Arc::new(blocks),
@@ -145,10 +139,7 @@ impl QuantizedWeight {
 
     /// Bytes of the quantized blocks: what one product reads instead of the dense weight.
     pub fn size_in_bytes(&self) -> usize {
-        match &*self.blocks {
-            Blocks::Q8_0(b) => std::mem::size_of_val(b.as_slice()),
-            Blocks::Q4_0(b) => std::mem::size_of_val(b.as_slice()),
-        }
+        self.blocks.size_in_bytes()
     }
 
     /// `x [.., in] -> x W^T [.., out]` on the quantized blocks, in `x`'s dtype (computed in
@@ -163,10 +154,13 @@ impl QuantizedWeight {
             );
         }
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let out = match &*self.blocks {
-            Blocks::Q8_0(w) => self.run(w, &xs)?,
-            Blocks::Q4_0(w) => self.run(w, &xs)?,
+        let acts = QActs::new(&xs, self.in_dim);
+        let rows = acts.rows();
+        let job = BlockGemv {
+            w: self.blocks.clone(),
+            x: acts,
         };
+        let out = gemv_pool::run(Arc::new(job), self.out_dim, rows)?;
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_dim;
@@ -174,59 +168,26 @@ impl QuantizedWeight {
         Tensor::from_vec(out, out_dims, x.device())?.to_dtype(x.dtype())
     }
 
-    fn run<T: GgmlType + 'static>(
-        &self,
-        w: &Arc<Vec<T>>,
-        xs: &[f32],
-    ) -> candle_core::Result<Vec<f32>> {
-        let kb = self.in_dim / T::BLCK_SIZE;
-        let rows = xs.len() / self.in_dim;
-        let mut xq = vec![T::VecDotType::zeros(); rows * kb];
-        for (x, q) in xs.chunks_exact(self.in_dim).zip(xq.chunks_exact_mut(kb)) {
-            T::VecDotType::from_float(x, q);
-        }
-        let job = BlockGemv {
-            w: w.clone(),
-            xq,
-            in_dim: self.in_dim,
-        };
-        gemv_pool::run(Arc::new(job), self.out_dim, rows)
-    }
-
     /// The weight as the quantized blocks represent it, `[out, in]`, f32.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
-        let mut w = vec![0f32; self.out_dim * self.in_dim];
-        match &*self.blocks {
-            Blocks::Q8_0(b) => BlockQ8_0::to_float(b, &mut w),
-            Blocks::Q4_0(b) => BlockQ4_0::to_float(b, &mut w),
-        }
+        let w = self.blocks.dequantize();
         Tensor::from_vec(w, (self.out_dim, self.in_dim), &candle_core::Device::Cpu)
     }
 }
 
-/// `y[r, o] = dot(W[o], x[r])` over quantized rows of `W` and quantized activation rows `x`.
-struct BlockGemv<T: GgmlType> {
-    w: Arc<Vec<T>>,
-    /// `[rows, in / 32]` blocks.
-    xq: Vec<T::VecDotType>,
-    in_dim: usize,
+/// One product: quantized weight rows against quantized activation rows.
+struct BlockGemv {
+    w: Arc<QMatrix>,
+    x: QActs,
 }
 
-impl<T: GgmlType> RowJob for BlockGemv<T> {
+impl RowJob for BlockGemv {
     fn cost_per_output(&self) -> usize {
-        self.in_dim
+        self.x.k
     }
 
     fn compute(&self, outs: std::ops::Range<usize>, dst: &mut [f32]) {
-        let kb = self.in_dim / T::BLCK_SIZE;
-        let n = outs.len();
-        // Output-major: one weight row stays in L1 while every activation row meets it.
-        for (i, o) in outs.enumerate() {
-            let w = &self.w[o * kb..(o + 1) * kb];
-            for (r, x) in self.xq.chunks_exact(kb).enumerate() {
-                dst[r * n + i] = T::vec_dot(self.in_dim, w, x);
-            }
-        }
+        self.w.gemv(&self.x, outs, dst, true);
     }
 }
 

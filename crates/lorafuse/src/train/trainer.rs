@@ -124,6 +124,9 @@ impl<'m> Trainer<'m> {
         out_dir: Option<&Path>,
     ) -> Result<Self> {
         cfg.validate()?;
+        if data.train.is_empty() {
+            return Err(Error::Invalid("the training set holds no example".into()));
+        }
         let lora = cfg.lora_config(model, model.config().num_hidden_layers)?;
         apply_lora(model, ADAPTER_NAME, &lora, DType::F32, cfg.seed)?;
         let log = TrainLog::create(out_dir, Vec::new())?;
@@ -247,7 +250,12 @@ impl<'m> Trainer<'m> {
         let start = Instant::now();
         let step = self.step + 1;
         // Dropout masks depend on the seed and the step only, so a resumed run repeats them.
-        reseed_dropout(self.model, self.cfg.seed.wrapping_add(step as u64));
+        let step_seed = self.cfg.seed.wrapping_add(step as u64);
+        reseed_dropout(self.model, step_seed);
+        // Off the CPU, dropout masks come from the device's generator.
+        if !self.model.device().is_cpu() {
+            self.model.device().set_seed(step_seed)?;
+        }
         let batches: Vec<Batch> = (0..self.cfg.grad_accum)
             .map(|_| self.batches.next_batch())
             .collect();
