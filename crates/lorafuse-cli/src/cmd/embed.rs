@@ -52,6 +52,13 @@ pub struct EmbedArgs {
     pub kernels: Option<String>,
 }
 
+/// `--json` output. A struct rather than `json!`, which would widen every f32 to f64 and print
+/// digits the vectors do not have.
+#[derive(serde::Serialize)]
+struct JsonOutput<'a> {
+    embeddings: &'a [Vec<f32>],
+}
+
 /// Runs `lorafuse embed`.
 pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     let texts: Vec<String> = match &args.input {
@@ -98,7 +105,12 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     if args.json {
-        serde_json::to_writer(&mut out, &serde_json::json!({ "embeddings": vectors }))?;
+        serde_json::to_writer(
+            &mut out,
+            &JsonOutput {
+                embeddings: &vectors,
+            },
+        )?;
         writeln!(out)?;
     } else {
         for v in &vectors {

@@ -122,6 +122,9 @@ impl PoolingMode {
 /// `[b, h * modes.len()]` f32 vectors.
 pub fn pool(hidden: &Tensor, mask: &Tensor, modes: &[PoolingMode]) -> candle_core::Result<Tensor> {
     let (b, t, h) = hidden.dims3()?;
+    if modes.is_empty() {
+        candle_core::bail!("pool: no pooling mode given");
+    }
     let x = hidden.to_dtype(DType::F32)?;
     let m = mask.to_dtype(DType::F32)?;
     let m3 = m.unsqueeze(2)?;
@@ -131,22 +134,22 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, modes: &[PoolingMode]) -> candle_cor
         let v = match mode {
             PoolingMode::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
             PoolingMode::Max => {
-                // Padding becomes -inf so that it never wins the maximum.
+                // Padding gets f32::MIN added so that it never wins the maximum.
                 let neg = ((1.0 - &m3)? * f64::from(f32::MIN))?;
                 x.broadcast_add(&neg)?.max(1)?
             }
             PoolingMode::Mean => x
                 .broadcast_mul(&m3)?
                 .sum(1)?
-                .broadcast_div(&count.clamp(1e-9, f64::MAX)?)?,
+                .broadcast_div(&count.maximum(1e-9)?)?,
             PoolingMode::MeanSqrtLen => x
                 .broadcast_mul(&m3)?
                 .sum(1)?
-                .broadcast_div(&count.clamp(1e-9, f64::MAX)?.sqrt()?)?,
+                .broadcast_div(&count.maximum(1e-9)?.sqrt()?)?,
             PoolingMode::WeightedMean => {
                 let pos = Tensor::arange(1f32, t as f32 + 1.0, x.device())?.reshape((1, t))?;
                 let w = m.broadcast_mul(&pos)?;
-                let denom = w.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?;
+                let denom = w.sum_keepdim(1)?.maximum(1e-9)?;
                 x.broadcast_mul(&w.unsqueeze(2)?)?
                     .sum(1)?
                     .broadcast_div(&denom)?
@@ -173,10 +176,6 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, modes: &[PoolingMode]) -> candle_cor
 
 /// `x / max(||x||_2, 1e-12)` per row, as `torch.nn.functional.normalize`.
 pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
-    let norm = x
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::MAX)?;
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
     x.broadcast_div(&norm)
 }

@@ -166,10 +166,9 @@ impl Attention {
         let q = lorafuse_ops::rope(&q, rope.0, rope.1, RopeLayout::HalfRotation)?;
         let k = lorafuse_ops::rope(&k, rope.0, rope.1, RopeLayout::HalfRotation)?;
         let (k, v) = match cache {
-            Some(c) => {
-                let (k, v) = c.append(&k, &v)?;
-                (k.contiguous()?, v.contiguous()?)
-            }
+            // The cache returns views into its buffer; the attention op makes its operands
+            // contiguous itself (one copy of the cached keys and values per step).
+            Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
@@ -295,9 +294,6 @@ impl Llama {
         // On the CPU the whole pass runs on a worker of Candle's pool: the ops' parallel sections
         // then start on a pool thread instead of each handing off from (and blocking) the
         // caller's thread, ~200 hand-offs per decode step that cost a wake-up each.
-        if std::env::var_os("LF_NOCTX").is_some() {
-            return self.hidden_states(input_ids, cache);
-        }
         self.device
             .with_context(|| self.hidden_states(input_ids, cache))
     }
@@ -343,12 +339,6 @@ impl Llama {
     /// Logits `[b, vocab]` of the last position only: generation needs nothing else, and skipping
     /// the LM head for the other prompt positions saves most of a prefill's head GEMM.
     pub fn forward_last(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        if std::env::var_os("LF_NOCTX").is_some() {
-            let h = self.hidden_states(input_ids, cache)?;
-            let t = h.dim(1)?;
-            let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
-            return Ok(self.lm_head.forward(&last)?);
-        }
         self.device.with_context(|| {
             let h = self.hidden_states(input_ids, cache)?;
             let t = h.dim(1)?;

@@ -1,16 +1,18 @@
 //! Block-quantized weights and their products with block-quantized activations, on the CPU.
 //!
-//! A `[n, k]` weight is stored row after row in blocks of 32 columns, each block with one f32
-//! scale (`w = d * q`): llama.cpp's q8_0 and q4_0 schemes, with f32 instead of f16 scales (no
-//! conversion in the inner loop, for 6-11% more bytes). Activations are quantized per block to i8
+//! A `[n, k]` weight is stored row after row in blocks of 32 columns, each block with an f32
+//! scale: llama.cpp's q8_0 (`w = d * q`), q4_0 (`w = d * (c - 8)`) and q4_1 (`w = d * c + m`,
+//! with a per-block minimum `m`) schemes, with f32 instead of f16 scales (no conversion in the
+//! inner loop, for 6-20% more bytes). Activations are quantized per block to i8
 //! (`d = max|x| / 127`) once per product, so the inner loop is an exact integer dot product per
 //! block, scaled by `d_w * d_x`.
 //!
 //! Weights are stored unsigned so that `maddubs` (u8 x i8 pairs) takes them as they are: q4 codes
-//! in [0, 15] stand for `q - 8`, and the offset comes back exactly as `-8 * sum(x)` per block,
-//! precomputed with the activations. Two q4 blocks share 32 bytes (block `2j` in the low nibbles,
-//! `2j + 1` in the high ones), so unpacking a pair is one shift and two masks; `k` must therefore
-//! be a multiple of 64. q8 codes are `q + 128` and are flipped back to signed with one xor.
+//! `c` are in [0, 15]; q4_0's offset comes back exactly as `-8 * sum(x_q)` per block and q4_1's
+//! minimum as `m * d_x * sum(x_q)`, the sums precomputed with the activations. Two q4 blocks share
+//! 32 bytes (block `2j` in the low nibbles, `2j + 1` in the high ones), so unpacking a pair is one
+//! shift and two masks; `k` must therefore be a multiple of 64. q8 codes are `q + 128` and are
+//! flipped back to signed with one xor.
 //!
 //! Kernels: AVX2 on x86-64 (detected at run time; the build targets baseline x86-64), else a scalar
 //! loop with the same integer arithmetic, which is also the tests' oracle.
@@ -29,8 +31,8 @@ pub(crate) struct QActs {
     pub q: Vec<i8>,
     /// One scale per block.
     pub d: Vec<f32>,
-    /// `-8 * sum(q)` per block: the q4 offset's contribution.
-    pub q4_offset: Vec<i32>,
+    /// `sum(q)` per block: what the q4 offsets and minimums multiply.
+    pub sum: Vec<i32>,
     pub k: usize,
 }
 
@@ -41,7 +43,7 @@ impl QActs {
         let blocks = x.len() / BLOCK;
         let mut q = vec![0i8; x.len()];
         let mut d = vec![0f32; blocks];
-        let mut q4_offset = vec![0i32; blocks];
+        let mut sum = vec![0i32; blocks];
         for (b, (xb, qb)) in x
             .chunks_exact(BLOCK)
             .zip(q.chunks_exact_mut(BLOCK))
@@ -50,14 +52,12 @@ impl QActs {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             d[b] = amax / 127.0;
             let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
             for (qv, xv) in qb.iter_mut().zip(xb) {
                 *qv = (xv * id).round() as i8;
-                sum += *qv as i32;
+                sum[b] += *qv as i32;
             }
-            q4_offset[b] = -8 * sum;
         }
-        Self { q, d, q4_offset, k }
+        Self { q, d, sum, k }
     }
 
     pub fn rows(&self) -> usize {
@@ -70,53 +70,92 @@ impl QActs {
 pub(crate) enum QMatrix {
     /// `q + 128` for `q` in [-127, 127], `k` bytes per row.
     Q8 { q: Vec<u8>, d: Vec<f32> },
-    /// Codes in [0, 15] for `q - 8`, pairs of blocks in 32 bytes (see the module docs).
-    Q4 { q: Vec<u8>, d: Vec<f32> },
+    /// Codes `c` in [0, 15], pairs of blocks in 32 bytes (see the module docs): `w = d * (c - 8)`
+    /// without minimums (q4_0), `w = d * c + m` with them (q4_1).
+    Q4 {
+        q: Vec<u8>,
+        d: Vec<f32>,
+        m: Option<Vec<f32>>,
+    },
+}
+
+/// Packs 4-bit codes in block pairs; `codes_of(b, block, codes)` fills block `b`'s codes.
+fn pack_q4(w: &[f32], mut codes_of: impl FnMut(usize, &[f32], &mut [u8; BLOCK])) -> Vec<u8> {
+    let mut q = vec![0u8; w.len() / 2];
+    let mut codes = [0u8; BLOCK];
+    for (b, wb) in w.chunks_exact(BLOCK).enumerate() {
+        codes_of(b, wb, &mut codes);
+        let (pair, shift) = (b / 2, 4 * (b % 2));
+        for (byte, c) in q[pair * BLOCK..(pair + 1) * BLOCK].iter_mut().zip(codes) {
+            *byte |= c << shift;
+        }
+    }
+    q
 }
 
 impl QMatrix {
-    /// q8_0: `d = max|w| / 127`, `q = round(w / d)`. `w.len()` must be a multiple of 64.
+    /// q8_0: `d = max|w| / 127`, `q = round(w / d)`.
     pub fn q8(w: &[f32]) -> Self {
         let a = QActs::new(w, BLOCK);
         let q = a.q.iter().map(|&v| (v as i16 + 128) as u8).collect();
         QMatrix::Q8 { q, d: a.d }
     }
 
-    /// q4_0 as llama.cpp quantizes it: `d = m / -8` for the value `m` of largest magnitude (so
-    /// that `m` is exact, code 0), code `min(15, trunc(w / d + 8.5))`.
-    pub fn q4(w: &[f32]) -> Self {
-        let mut q = vec![0u8; w.len() / 2];
+    /// q4_0 as llama.cpp quantizes it: `d = v / -8` for the value `v` of largest magnitude (so
+    /// that `v` is exact, code 0), code `min(15, trunc(w / d + 8.5))`.
+    pub fn q4_0(w: &[f32]) -> Self {
         let mut d = vec![0f32; w.len() / BLOCK];
-        let mut codes = [0u8; BLOCK];
-        for (b, wb) in w.chunks_exact(BLOCK).enumerate() {
-            let m = wb
+        let q = pack_q4(w, |b, wb, codes| {
+            let v = wb
                 .iter()
                 .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-            d[b] = m / -8.0;
+            d[b] = v / -8.0;
             let id = if d[b] != 0.0 { 1.0 / d[b] } else { 0.0 };
             for (c, &v) in codes.iter_mut().zip(wb) {
                 *c = ((v * id + 8.5) as u8).min(15);
             }
-            let (pair, shift) = (b / 2, 4 * (b % 2));
-            for (byte, c) in q[pair * BLOCK..(pair + 1) * BLOCK].iter_mut().zip(codes) {
-                *byte |= c << shift;
+        });
+        QMatrix::Q4 { q, d, m: None }
+    }
+
+    /// q4_1 as llama.cpp quantizes it: `m = min(w)`, `d = (max(w) - m) / 15`, code
+    /// `min(15, trunc((w - m) / d + 0.5))`. Weights already on such a grid (a q4_1 GGUF, once
+    /// dequantized) come back exactly.
+    pub fn q4_1(w: &[f32]) -> Self {
+        let mut d = vec![0f32; w.len() / BLOCK];
+        let mut m = vec![0f32; w.len() / BLOCK];
+        let q = pack_q4(w, |b, wb, codes| {
+            let lo = wb.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = wb.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            (d[b], m[b]) = ((hi - lo) / 15.0, lo);
+            let id = if d[b] != 0.0 { 1.0 / d[b] } else { 0.0 };
+            for (c, &v) in codes.iter_mut().zip(wb) {
+                *c = (((v - lo) * id + 0.5) as u8).min(15);
             }
-        }
-        QMatrix::Q4 { q, d }
+        });
+        QMatrix::Q4 { q, d, m: Some(m) }
     }
 
     /// Bytes read per product.
     pub fn size_in_bytes(&self) -> usize {
+        let m = self.minimums().map_or(0, |m| 4 * m.len());
         match self {
-            QMatrix::Q8 { q, d } | QMatrix::Q4 { q, d } => q.len() + 4 * d.len(),
+            QMatrix::Q8 { q, d } | QMatrix::Q4 { q, d, .. } => q.len() + 4 * d.len() + m,
         }
     }
 
-    /// Code `j` of block `b`, as the signed integer it stands for.
+    /// Code `j` of block `b`, as the integer the scale multiplies.
     fn code(&self, b: usize, j: usize) -> i32 {
         match self {
             QMatrix::Q8 { q, .. } => q[b * BLOCK + j] as i32 - 128,
-            QMatrix::Q4 { q, .. } => (q[(b / 2) * BLOCK + j] >> (4 * (b % 2)) & 15) as i32 - 8,
+            QMatrix::Q4 { q, m, .. } => {
+                let c = (q[(b / 2) * BLOCK + j] >> (4 * (b % 2)) & 15) as i32;
+                if m.is_some() {
+                    c
+                } else {
+                    c - 8
+                }
+            }
         }
     }
 
@@ -126,11 +165,21 @@ impl QMatrix {
         }
     }
 
+    fn minimums(&self) -> Option<&[f32]> {
+        match self {
+            QMatrix::Q4 { m: Some(m), .. } => Some(m),
+            _ => None,
+        }
+    }
+
     /// The represented weight, flattened `[n, k]`.
     pub fn dequantize(&self) -> Vec<f32> {
-        let d = self.scales();
+        let (d, m) = (self.scales(), self.minimums());
         (0..d.len() * BLOCK)
-            .map(|i| self.code(i / BLOCK, i % BLOCK) as f32 * d[i / BLOCK])
+            .map(|i| {
+                let b = i / BLOCK;
+                self.code(b, i % BLOCK) as f32 * d[b] + m.map_or(0.0, |m| m[b])
+            })
             .collect()
     }
 
@@ -148,16 +197,18 @@ impl QMatrix {
         }
         let _ = simd;
         let kb = k / BLOCK;
-        let d = self.scales();
+        let (d, m) = (self.scales(), self.minimums());
         for (i, o) in outs.enumerate() {
             for r in 0..rows {
                 let mut acc = 0f32;
                 for b in 0..kb {
-                    let xb = &x.q[(r * kb + b) * BLOCK..][..BLOCK];
-                    let s: i32 = (0..BLOCK)
-                        .map(|j| self.code(o * kb + b, j) * xb[j] as i32)
-                        .sum();
-                    acc += s as f32 * (d[o * kb + b] * x.d[r * kb + b]);
+                    let (wb, xb) = (o * kb + b, r * kb + b);
+                    let xq = &x.q[xb * BLOCK..][..BLOCK];
+                    let s: i32 = (0..BLOCK).map(|j| self.code(wb, j) * xq[j] as i32).sum();
+                    acc += s as f32 * (d[wb] * x.d[xb]);
+                    if let Some(m) = m {
+                        acc += m[wb] * x.d[xb] * x.sum[xb] as f32;
+                    }
                 }
                 dst[r * n + i] = acc;
             }
@@ -215,7 +266,8 @@ mod avx2 {
         hsum(_mm256_add_ps(acc[0], acc[1]))
     }
 
-    /// One q4 row against one activation row (`kb` even); `off` holds `-8 * sum(x)` per block.
+    /// One q4 row against one activation row (`kb` even); `off * sum[b]` (the q4_0 offset, or 0)
+    /// joins each block's integer sum.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn row_q4(
@@ -223,7 +275,7 @@ mod avx2 {
         wd: *const f32,
         x: *const i8,
         xd: *const f32,
-        off: *const i32,
+        (sum, off): (*const i32, i32),
         kb: usize,
     ) -> f32 {
         let low = _mm256_set1_epi8(15);
@@ -237,14 +289,10 @@ mod avx2 {
             let x0 = _mm256_loadu_si256(x.add(b * BLOCK) as *const __m256i);
             let x1 = _mm256_loadu_si256(x.add((b + 1) * BLOCK) as *const __m256i);
             // codes <= 15 times |x| <= 127: pair sums far inside i16. The offset enters lane 0.
-            let l0 = _mm256_add_epi32(
-                dot_u8_i8(w0, x0),
-                _mm256_setr_epi32(*off.add(b), 0, 0, 0, 0, 0, 0, 0),
-            );
-            let l1 = _mm256_add_epi32(
-                dot_u8_i8(w1, x1),
-                _mm256_setr_epi32(*off.add(b + 1), 0, 0, 0, 0, 0, 0, 0),
-            );
+            let o0 = _mm256_setr_epi32(off * *sum.add(b), 0, 0, 0, 0, 0, 0, 0);
+            let o1 = _mm256_setr_epi32(off * *sum.add(b + 1), 0, 0, 0, 0, 0, 0, 0);
+            let l0 = _mm256_add_epi32(dot_u8_i8(w0, x0), o0);
+            let l1 = _mm256_add_epi32(dot_u8_i8(w1, x1), o1);
             acc[0] = scaled(acc[0], l0, *wd.add(b) * *xd.add(b));
             acc[1] = scaled(acc[1], l1, *wd.add(b + 1) * *xd.add(b + 1));
         }
@@ -267,16 +315,20 @@ mod avx2 {
                     QMatrix::Q8 { q, d } => {
                         row_q8(q.as_ptr().add(o * k), d.as_ptr().add(o * kb), xq, xd, kb)
                     }
-                    QMatrix::Q4 { q, d } => {
-                        let off = x.q4_offset.as_ptr().add(r * kb);
-                        row_q4(
-                            q.as_ptr().add(o * k / 2),
-                            d.as_ptr().add(o * kb),
-                            xq,
-                            xd,
-                            off,
-                            kb,
-                        )
+                    QMatrix::Q4 { q, d, m } => {
+                        let sum = x.sum.as_ptr().add(r * kb);
+                        let off = if m.is_some() { 0 } else { -8 };
+                        let (wq, wd) = (q.as_ptr().add(o * k / 2), d.as_ptr().add(o * kb));
+                        let mut y = row_q4(wq, wd, xq, xd, (sum, off), kb);
+                        if let Some(m) = m {
+                            // q4_1's minimums: sum over blocks of m * d_x * sum(x_q).
+                            let m = &m[o * kb..(o + 1) * kb];
+                            let (xd, sum) = (&x.d[r * kb..][..kb], &x.sum[r * kb..][..kb]);
+                            for b in 0..kb {
+                                y += m[b] * xd[b] * sum[b] as f32;
+                            }
+                        }
+                        y
                     }
                 };
             }
@@ -303,7 +355,7 @@ mod tests {
         let (n, k, rows) = (37, 192, 3);
         let w = data(n * k, 1);
         let x = QActs::new(&data(rows * k, 2), k);
-        for m in [QMatrix::q8(&w), QMatrix::q4(&w)] {
+        for m in [QMatrix::q8(&w), QMatrix::q4_0(&w), QMatrix::q4_1(&w)] {
             let mut a = vec![0f32; rows * 30];
             let mut b = vec![0f32; rows * 30];
             m.gemv(&x, 5..35, &mut a, false);
@@ -321,7 +373,7 @@ mod tests {
         let xs = data(k, 5);
         let x = QActs::new(&xs, k);
         let xd = QMatrix::q8(&xs).dequantize();
-        for m in [QMatrix::q8(&w), QMatrix::q4(&w)] {
+        for m in [QMatrix::q8(&w), QMatrix::q4_0(&w), QMatrix::q4_1(&w)] {
             let wd = m.dequantize();
             let mut y = vec![0f32; n];
             m.gemv(&x, 0..n, &mut y, false);
@@ -333,16 +385,25 @@ mod tests {
     }
 
     #[test]
-    fn q4_round_trip_is_exact_on_its_own_grid() {
+    fn q4_round_trips_are_exact_on_their_own_grids() {
         let w = data(4 * BLOCK, 3);
-        let once = QMatrix::q4(&w).dequantize();
-        let twice = QMatrix::q4(&once).dequantize();
-        assert_eq!(once, twice);
-        let err = w
-            .iter()
-            .zip(&once)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(err <= 1.0 / 8.0 + 1e-6, "max error {err}");
+        let formats: [(fn(&[f32]) -> QMatrix, f32); 2] =
+            [(QMatrix::q4_0, 1.0 / 8.0), (QMatrix::q4_1, 1.0 / 15.0)];
+        for (quantize, bound) in formats {
+            let once = quantize(&w).dequantize();
+            let twice = quantize(&once).dequantize();
+            let drift = once
+                .iter()
+                .zip(&twice)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(drift <= 1e-6, "requantizing moved a value by {drift}");
+            let err = w
+                .iter()
+                .zip(&once)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err <= bound + 1e-6, "max error {err}");
+        }
     }
 }

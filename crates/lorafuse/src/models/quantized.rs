@@ -1,8 +1,8 @@
 //! Opt-in quantized inference for the frozen projections.
 //!
 //! Batch-1 decoding on a CPU is bound by the bytes of weight read per token (540 MB for
-//! SmolLM2-135M in f32). Storing the frozen base weights in a GGML block format cuts that by 4x
-//! (q8_0) or 6x (q4_0); the products run as i8 block dot products ([`super::qgemv`]), the
+//! SmolLM2-135M in f32). Storing the frozen base weights in a llama.cpp block format cuts that by
+//! 3.6x (q8_0) to 6x (q4_0); the products run as i8 block dot products ([`super::qgemv`]), the
 //! activations being quantized per 32-block on the fly (as llama.cpp does).
 //!
 //! The quantized copy lives beside the dense weight in [`Linear`]; models never see it. It is only
@@ -28,25 +28,29 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-/// A block format for frozen weights: llama.cpp's q8_0 and q4_0 schemes (blocks of 32 input
-/// columns; the k-quants' blocks of 256 do not divide SmolLM2's width of 576), with f32 scales.
-/// Input widths must be multiples of 64.
+/// A block format for frozen weights: llama.cpp's q8_0, q4_1 and q4_0 schemes (blocks of 32
+/// input columns; the k-quants' blocks of 256 do not divide SmolLM2's width of 576), with f32
+/// scales. Input widths must be multiples of 64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantFormat {
     /// 8-bit values, one scale per block of 32: 1.125 bytes per weight, near-lossless.
     Q8_0,
+    /// 4-bit values, a scale and a minimum per block of 32: 0.75 bytes per weight. Exact for
+    /// weights that come from a q4_1 GGUF.
+    Q4_1,
     /// 4-bit values, one scale per block of 32: 0.625 bytes per weight.
     Q4_0,
 }
 
 impl QuantFormat {
     /// Every format, as the CLI lists them.
-    pub const ALL: [QuantFormat; 2] = [QuantFormat::Q8_0, QuantFormat::Q4_0];
+    pub const ALL: [QuantFormat; 3] = [QuantFormat::Q8_0, QuantFormat::Q4_1, QuantFormat::Q4_0];
 
     /// The name used on the command line and in GGUF files.
     pub fn name(self) -> &'static str {
         match self {
             QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4_1 => "q4_1",
             QuantFormat::Q4_0 => "q4_0",
         }
     }
@@ -117,7 +121,8 @@ impl QuantizedWeight {
             .to_vec1::<f32>()?;
         let blocks = match format {
             QuantFormat::Q8_0 => QMatrix::q8(&w),
-            QuantFormat::Q4_0 => QMatrix::q4(&w),
+            QuantFormat::Q4_1 => QMatrix::q4_1(&w),
+            QuantFormat::Q4_0 => QMatrix::q4_0(&w),
         };
         Ok(Self {
             blocks: Arc::new(blocks),
