@@ -387,7 +387,8 @@ mod tests {
     #[test]
     fn q4_round_trips_are_exact_on_their_own_grids() {
         let w = data(4 * BLOCK, 3);
-        let formats: [(fn(&[f32]) -> QMatrix, f32); 2] =
+        type Quantizer = fn(&[f32]) -> QMatrix;
+        let formats: [(Quantizer, f32); 2] =
             [(QMatrix::q4_0, 1.0 / 8.0), (QMatrix::q4_1, 1.0 / 15.0)];
         for (quantize, bound) in formats {
             let once = quantize(&w).dequantize();
