@@ -2,7 +2,7 @@
 the same documents, batch sizes and timing as benches/embed.rs (warm-up, then at least `--min-reps` passes and
 200 documents). Prints one JSON line per size.
 
-Usage: python crates/lorafuse-cli/benches/embed_peer.py [--model DIR] [--cpu] [--repeat R]
+Usage: python crates/lorafuse-cli/benches/embed_peer.py [--model DIR] [--cpu] [--repeat R] [--threads N]
 """
 
 import argparse
@@ -24,7 +24,10 @@ ap.add_argument("--cpu", action="store_true")
 ap.add_argument("--repeat", type=int, default=1)
 ap.add_argument("--sizes", default="1,32,1000")
 ap.add_argument("--min-reps", type=int, default=3)
+ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 args = ap.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
 
 dev = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
 dt = torch.float32 if dev == "cpu" else torch.bfloat16

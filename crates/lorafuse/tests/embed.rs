@@ -349,6 +349,34 @@ fn truncation_stops_at_max_seq_length_and_prefix_is_prepended() {
 }
 
 #[test]
+fn projections_are_replaceable_slots_named_by_checkpoint_path() {
+    use lorafuse::models::linear::Linear;
+    let dir = tiny_folder("", mean_pooling(), false);
+    let mut e = Embedder::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let before = e.encode(&TEXTS).unwrap();
+    let names: Vec<String> = e
+        .model_mut()
+        .named_linears_mut()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names.len(), 12);
+    assert_eq!(names[0], "encoder.layer.0.attention.self.query");
+    assert_eq!(names[11], "encoder.layer.1.output.dense");
+    // Swapping a slot for a zeroed copy of the same shape changes the output: forward goes
+    // through the slot, which is what an adapter relies on.
+    for (name, slot) in e.model_mut().named_linears_mut() {
+        if name == "encoder.layer.1.attention.self.value" {
+            let base = slot.base();
+            let zero = Linear::new(base.weight.zeros_like().unwrap(), base.bias.clone());
+            *slot = zero.into_slot();
+        }
+    }
+    let after = e.encode(&TEXTS).unwrap();
+    assert!(max_abs_diff(&before, &after) > 1e-3);
+}
+
+#[test]
 fn empty_input_gives_an_empty_result() {
     let dir = tiny_folder("", mean_pooling(), false);
     let e = Embedder::load(dir.path(), &Device::Cpu, DType::F32).unwrap();

@@ -96,6 +96,10 @@ pub struct DecodeArgs {
     /// New tokens to decode (EOS ignored, as transformers' min_new_tokens).
     #[arg(long, default_value_t = 128)]
     pub new_tokens: usize,
+    /// Timed runs after the warm-up; the median is reported (other processes on the cores make
+    /// single runs noisy).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
     /// Also write the result as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -436,19 +440,37 @@ fn bench_decode(args: &DecodeArgs) -> anyhow::Result<()> {
         ))
     };
     run(8)?;
-    let (prefill, decode) = run(args.new_tokens)?;
     let steps = args.new_tokens.saturating_sub(1);
-    let tps = steps as f64 / decode.max(1e-9);
+    let mut runs = Vec::new();
+    for _ in 0..args.repeat.max(1) {
+        let (prefill, decode) = run(args.new_tokens)?;
+        // tokens_per_s: decode steps only; with prefill: what transformers' generate reports
+        // (new tokens over the whole call).
+        runs.push((
+            steps as f64 / decode.max(1e-9),
+            args.new_tokens as f64 / (prefill + decode).max(1e-9),
+            prefill,
+        ));
+    }
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (tps, tps_all, prefill) = runs[runs.len() / 2];
     let result = serde_json::json!({
         "impl": "lorafuse",
         "model": args.model.model.display().to_string(),
         "device": lorafuse::device::device_name(dev),
         "dtype": args.model.dtype,
+        "quantize": args.model.quantize.map(|q| q.name()),
+        "threads": candle_core::utils::get_num_threads(),
         "kernels": format!("{:?}", lorafuse_ops::kernel_mode()),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "prefill_ms": prefill * 1e3,
         "tokens_per_s": tps,
+        "tokens_per_s_incl_prefill": tps_all,
+        "runs_tokens_per_s": runs.iter().map(|r| r.0).collect::<Vec<_>>(),
+        "load_average": std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned)),
     });
     println!("{result}");
     if let Some(p) = &args.json {

@@ -26,11 +26,12 @@ pub struct ModelArgs {
     /// Kernels: fused (default) or reference (stock Candle ops, for debugging and A/B timing).
     #[arg(long, value_parser = ["fused", "reference"])]
     pub kernels: Option<String>,
-    /// Inference with quantized frozen weights (CPU only): q8_0 (near-lossless, 4x fewer bytes
-    /// than f32), q4_1 or q4_0 (about 7x fewer). The projections use this format and the LM
-    /// head q8_0; activations and LoRA adapters stay in the compute dtype. Decoding reads far
-    /// fewer bytes per token, so it runs several times faster. Gradients never flow through the
-    /// quantized copy: training keeps the dense weights. Default: off (weights as loaded).
+    /// Inference with quantized frozen weights (CPU only): q8_0 (near-lossless, 3.6x fewer bytes
+    /// than f32), q4_1 (5.3x fewer; keeps the weights of a q4_1 GGUF such as the default model exactly) or q4_0 (6x
+    /// fewer, least accurate). The projections use this format and the LM head q8_0; activations
+    /// and LoRA adapters stay in the compute dtype. A decode step reads that many fewer bytes, so
+    /// it runs several times faster. Gradients never flow through the quantized copy: anything
+    /// that trains uses the dense weights. Default: off (weights as loaded).
     #[arg(long, value_name = "FORMAT", value_parser = parse_quant_format)]
     pub quantize: Option<QuantFormat>,
 }

@@ -16,6 +16,10 @@
 //   row; also writes D_i) then `attention_bwd_dkv_*` (a warp per key row of a kv head; it walks
 //   every query head of its group and every row that sees the key, so GQA needs no reduction
 //   buffer). Both write into one packed output [dq | dk | dv].
+// - Short query blocks (decode: tq == 1) leave most of the card idle with a warp per row, so
+//   `attention_fwd_split_*` gives each row a block of ATT_SPLIT warps that take every
+//   ATT_SPLIT-th key, then merges their (max, sum, accumulator) triples in shared memory
+//   ("flash decoding"). Same outputs, same logsumexp.
 // - All arithmetic in f32 whatever the storage dtype; expf (accurate) for the exponentials.
 #include "cuda_util.cuh"
 
@@ -180,10 +184,74 @@ __device__ __forceinline__ void att_bwd_dkv_impl(const T* __restrict__ q, const 
   store_row(dv + krow * a.d, a.d, av, 1.f);
 }
 
+#define ATT_SPLIT 8
+
+// Grid (tq, b * hq), 32 * ATT_SPLIT threads: one query row per block, warp w takes keys
+// w, w + ATT_SPLIT, ...; the partial softmax states are merged by warp 0.
+template <typename T>
+__device__ __forceinline__ void att_fwd_split_impl(const T* __restrict__ q,
+                                                   const T* __restrict__ k,
+                                                   const T* __restrict__ v, T* __restrict__ o,
+                                                   float* __restrict__ lse, AttDims a) {
+  __shared__ float sm_m[ATT_SPLIT], sm_l[ATT_SPLIT];
+  __shared__ float sm_acc[ATT_SPLIT][32 * ATT_MAX_CHUNKS];
+  const int i = blockIdx.x;
+  const int bh = blockIdx.y;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int bi = bh / a.hq, h = bh % a.hq;
+  const int g = h / (a.hq / a.hkv);
+  const size_t row = (size_t)bh * a.tq + i;
+  const T* kb = k + ((size_t)bi * a.hkv + g) * a.tk * a.d;
+  const T* vb = v + ((size_t)bi * a.hkv + g) * a.tk * a.d;
+  float qr[ATT_MAX_CHUNKS], acc[ATT_MAX_CHUNKS] = {0.f, 0.f, 0.f, 0.f};
+  load_row(q + row * a.d, a.d, qr);
+  float m = -INFINITY, l = 0.f;
+  const int last = i + a.tk - a.tq;
+  for (int j = w; j <= last; j += ATT_SPLIT) {
+    const float s = a.scale * dot_row(qr, kb + (size_t)j * a.d, a.d);
+    const float m_new = fmaxf(m, s);
+    const float alpha = expf(m - m_new);
+    const float p = expf(s - m_new);
+    l = l * alpha + p;
+#pragma unroll
+    for (int c = 0; c < ATT_MAX_CHUNKS; ++c) {
+      const int e = lane + 32 * c;
+      acc[c] = acc[c] * alpha + (e < a.d ? p * to_f(vb[(size_t)j * a.d + e]) : 0.f);
+    }
+    m = m_new;
+  }
+  if (lane == 0) {
+    sm_m[w] = m;
+    sm_l[w] = l;
+  }
+#pragma unroll
+  for (int c = 0; c < ATT_MAX_CHUNKS; ++c) sm_acc[w][lane + 32 * c] = acc[c];
+  __syncthreads();
+  if (w != 0) return;
+  float big = -INFINITY;
+#pragma unroll
+  for (int u = 0; u < ATT_SPLIT; ++u) big = fmaxf(big, sm_m[u]);
+  float total = 0.f, out[ATT_MAX_CHUNKS] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int u = 0; u < ATT_SPLIT; ++u) {
+    // a warp that saw no key has m = -inf and l = 0: weight 0
+    const float f = sm_l[u] == 0.f ? 0.f : expf(sm_m[u] - big);
+    total += sm_l[u] * f;
+#pragma unroll
+    for (int c = 0; c < ATT_MAX_CHUNKS; ++c) out[c] += sm_acc[u][lane + 32 * c] * f;
+  }
+  store_row(o + row * a.d, a.d, out, 1.f / total);
+  if (lane == 0) lse[row] = big + logf(total);
+}
+
 #define ATT_KERNELS(T, SUFFIX)                                                                   \
   extern "C" __global__ void attention_fwd_##SUFFIX(const T* q, const T* k, const T* v, T* o,   \
                                                     float* lse, AttDims a) {                     \
     att_fwd_impl<T>(q, k, v, o, lse, a);                                                         \
+  }                                                                                              \
+  extern "C" __global__ void attention_fwd_split_##SUFFIX(const T* q, const T* k, const T* v,   \
+                                                          T* o, float* lse, AttDims a) {         \
+    att_fwd_split_impl<T>(q, k, v, o, lse, a);                                                   \
   }                                                                                              \
   extern "C" __global__ void attention_bwd_dq_##SUFFIX(const T* q, const T* k, const T* v,      \
                                                        const T* o, const T* dout,               \

@@ -16,6 +16,11 @@ use half::{bf16, f16};
 const MODULE: PtxModule = ptx_module!("attention");
 /// Query (or key) rows per block: one warp each (`ATT_ROWS_PER_BLOCK` in the kernel source).
 const ROWS_PER_BLOCK: usize = 4;
+/// Warps sharing one query row in the split-key forward (`ATT_SPLIT` in the kernel source).
+const SPLIT: u32 = 8;
+/// Up to this many queries per head the forward splits each row's keys over a block of warps
+/// (decode steps, short chunks: a warp per row would leave the card idle).
+const SPLIT_MAX_TQ: usize = 16;
 
 /// The kernels' `AttDims` argument.
 #[repr(C)]
@@ -99,12 +104,24 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
     let o = cuda_util::alloc::<T>(dev, (rows * dm.d).max(1))?;
     let lse = cuda_util::alloc::<f32>(dev, rows.max(1))?;
     if rows > 0 {
-        let kern = MODULE.kernel_for(dev, "attention_fwd", T::DTYPE, OP)?;
+        let split = dm.tq <= SPLIT_MAX_TQ;
+        let (name, cfg) = if split {
+            let cfg = LaunchConfig {
+                grid_dim: (dm.tq as u32, (dm.b * dm.hq) as u32, 1),
+                block_dim: (32 * SPLIT, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            ("attention_fwd_split", cfg)
+        } else {
+            ("attention_fwd", rows_launch(dm.tq, dm.b * dm.hq))
+        };
+        let kern = MODULE.kernel_for(dev, name, T::DTYPE, OP)?;
         let mut b = kern.builder();
         b.arg(&q).arg(&k).arg(&v).arg(&o).arg(&lse).arg(&a);
-        // SAFETY: matches `attention_fwd_*(const T*, const T*, const T*, T*, float*, AttDims)`;
-        // q/o hold b*hq*tq*d elements, k/v b*hkv*tk*d, lse b*hq*tq; a warp per query row.
-        unsafe { b.launch(rows_launch(dm.tq, dm.b * dm.hq)) }.map_err(cuda_util::driver_err(OP))?;
+        // SAFETY: matches `attention_fwd{,_split}_*(const T*, const T*, const T*, T*, float*,
+        // AttDims)`; q/o hold b*hq*tq*d elements, k/v b*hkv*tk*d, lse b*hq*tq; a warp (or a
+        // block of SPLIT warps) per query row.
+        unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
     }
     let lse = Tensor::from_storage(
         Storage::Cuda(cuda_util::wrap(lse, dev)),

@@ -9,7 +9,7 @@
 //!
 //! Weights are stored unsigned so that `maddubs` (u8 x i8 pairs) takes them as they are: q4 codes
 //! `c` are in [0, 15]; q4_0's offset comes back exactly as `-8 * sum(x_q)` per block and q4_1's
-//! minimum as `m * d_x * sum(x_q)`, the sums precomputed with the activations. Two q4 blocks share
+//! minimums as `sum(m * d_x * sum(x_q))` per row, the sums precomputed with the activations. Two q4 blocks share
 //! 32 bytes (block `2j` in the low nibbles, `2j + 1` in the high ones), so unpacking a pair is one
 //! shift and two masks; `k` must therefore be a multiple of 64. q8 codes are `q + 128` and are
 //! flipped back to signed with one xor.
@@ -31,8 +31,10 @@ pub(crate) struct QActs {
     pub q: Vec<i8>,
     /// One scale per block.
     pub d: Vec<f32>,
-    /// `sum(q)` per block: what the q4 offsets and minimums multiply.
+    /// `sum(q)` per block: what the q4_0 offsets multiply.
     pub sum: Vec<i32>,
+    /// `d * sum(q)` per block: what the q4_1 minimums multiply.
+    pub dsum: Vec<f32>,
     pub k: usize,
 }
 
@@ -53,11 +55,15 @@ impl QActs {
             d[b] = amax / 127.0;
             let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             for (qv, xv) in qb.iter_mut().zip(xb) {
-                *qv = (xv * id).round() as i8;
+                // Half away from zero, as `round` (a libm call on baseline x86-64), by a
+                // truncating cast: |v| <= 127.
+                let v = xv * id;
+                *qv = (v + 0.5f32.copysign(v)) as i8;
                 sum[b] += *qv as i32;
             }
         }
-        Self { q, d, sum, k }
+        let dsum = d.iter().zip(&sum).map(|(&d, &s)| d * s as f32).collect();
+        Self { q, d, sum, dsum, k }
     }
 
     pub fn rows(&self) -> usize {
@@ -207,7 +213,7 @@ impl QMatrix {
                     let s: i32 = (0..BLOCK).map(|j| self.code(wb, j) * xq[j] as i32).sum();
                     acc += s as f32 * (d[wb] * x.d[xb]);
                     if let Some(m) = m {
-                        acc += m[wb] * x.d[xb] * x.sum[xb] as f32;
+                        acc += m[wb] * x.dsum[xb];
                     }
                 }
                 dst[r * n + i] = acc;
@@ -299,6 +305,53 @@ mod avx2 {
         hsum(_mm256_add_ps(acc[0], acc[1]))
     }
 
+    /// `sum(a * b)`, 8 lanes at a time: q4_1's minimums against `d_x * sum(x_q)`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: `i + 8 <= n` keeps both 8-float loads inside the slices.
+            let (va, vb) = (
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+            );
+            acc = _mm256_fmadd_ps(va, vb, acc);
+            i += 8;
+        }
+        let mut y = hsum(acc);
+        for j in i..n {
+            y += a[j] * b[j];
+        }
+        y
+    }
+
+    /// How many weight rows ahead to prefetch: a decode step streams every weight once, and the
+    /// loads stalled on memory more than the arithmetic did.
+    const PREFETCH_ROWS: usize = 6;
+
+    /// Asks for row `o`'s codes and scales to be brought into cache.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn prefetch_row(m: &QMatrix, o: usize, k: usize) {
+        let kb = k / BLOCK;
+        let (q, d, mins) = match m {
+            QMatrix::Q8 { q, d } => (&q[o * k..(o + 1) * k], d, None),
+            QMatrix::Q4 { q, d, m } => (&q[o * k / 2..(o + 1) * k / 2], d, m.as_ref()),
+        };
+        for line in q.chunks(64) {
+            // SAFETY: a prefetch is only a hint and reads nothing; the pointer is in bounds.
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8);
+        }
+        for s in std::iter::once(d).chain(mins) {
+            for line in s[o * kb..(o + 1) * kb].chunks(16) {
+                _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8);
+            }
+        }
+    }
+
     /// See [`QMatrix::gemv`].
     ///
     /// # Safety
@@ -308,7 +361,9 @@ mod avx2 {
     pub unsafe fn gemv(m: &QMatrix, x: &QActs, outs: Range<usize>, dst: &mut [f32]) {
         let (k, rows, n) = (x.k, x.rows(), outs.len());
         let kb = k / BLOCK;
+        let end = outs.end;
         for (i, o) in outs.enumerate() {
+            prefetch_row(m, (o + PREFETCH_ROWS).min(end - 1), k);
             for r in 0..rows {
                 let (xq, xd) = (x.q.as_ptr().add(r * k), x.d.as_ptr().add(r * kb));
                 dst[r * n + i] = match m {
@@ -321,12 +376,7 @@ mod avx2 {
                         let (wq, wd) = (q.as_ptr().add(o * k / 2), d.as_ptr().add(o * kb));
                         let mut y = row_q4(wq, wd, xq, xd, (sum, off), kb);
                         if let Some(m) = m {
-                            // q4_1's minimums: sum over blocks of m * d_x * sum(x_q).
-                            let m = &m[o * kb..(o + 1) * kb];
-                            let (xd, sum) = (&x.d[r * kb..][..kb], &x.sum[r * kb..][..kb]);
-                            for b in 0..kb {
-                                y += m[b] * xd[b] * sum[b] as f32;
-                            }
+                            y += dot_f32(&m[o * kb..(o + 1) * kb], &x.dsum[r * kb..][..kb]);
                         }
                         y
                     }

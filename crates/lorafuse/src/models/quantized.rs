@@ -165,7 +165,7 @@ impl QuantizedWeight {
             w: self.blocks.clone(),
             x: acts,
         };
-        let out = gemv_pool::run(Arc::new(job), self.out_dim, rows)?;
+        let out = gemv_pool::run(Arc::new(job), self.out_dim, rows);
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_dim;
