@@ -25,6 +25,7 @@
 
 use std::sync::Arc;
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, DriverError, LaunchArgs,
     LaunchConfig, ValidAsZeroBits,
@@ -65,6 +66,18 @@ impl Kernel {
     /// A launch builder on the device's own stream; push arguments in the kernel's order.
     pub fn builder(&self) -> LaunchArgs<'_> {
         self.stream.launch_builder(&self.func)
+    }
+
+    /// Lets launches of this kernel take up to `bytes` of dynamic shared memory: past the default
+    /// 48 KB a block needs this opt-in (the setting stays with the loaded function).
+    pub fn allow_dynamic_shared(&self, bytes: u32, op: &'static str) -> Result<()> {
+        let bytes = i32::try_from(bytes).unwrap_or(i32::MAX);
+        self.func
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes,
+            )
+            .map_err(driver_err(op))
     }
 }
 

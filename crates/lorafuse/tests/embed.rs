@@ -1,46 +1,14 @@
 //! Sentence embeddings: parity with sentence-transformers on all-MiniLM-L6-v2 (skipped with a note
 //! when models/ lacks it), and folder handling, batching and pooling on a tiny random BERT.
 
+#[path = "support/tiny_bert.rs"]
+mod tiny_bert;
+
 use candle_core::{DType, Device, Tensor};
 use lorafuse::embed::{pooling, EmbedOptions, Embedder, PoolingMode, StFolder};
 use serde_json::json;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn minilm() -> Option<PathBuf> {
-    let dir = repo_root().join("models/all-MiniLM-L6-v2");
-    if dir.join("model.safetensors").exists() {
-        Some(dir)
-    } else {
-        println!(
-            "skipped: {} is absent (run scripts/fetch-models.sh)",
-            dir.display()
-        );
-        None
-    }
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb).max(1e-30)
-}
-
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
-}
+use std::path::Path;
+use tiny_bert::{cosine, max_abs_diff, mean_pooling, minilm, tiny_folder, HIDDEN};
 
 struct Case {
     text: String,
@@ -139,127 +107,6 @@ fn minilm_bf16_and_f16_stay_close_to_f32_on_cpu() {
     }
 }
 
-// ---- a tiny random BERT in a temporary sentence-transformers folder ----
-
-const WORDS: [&str; 12] = [
-    "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "query", ":", "far", "away",
-];
-const HIDDEN: usize = 8;
-
-fn tiny_folder(
-    prefix: &str,
-    pooling: Option<serde_json::Value>,
-    normalize: bool,
-) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let mut vocab: HashMap<String, u32> = HashMap::new();
-    for (i, t) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-        .iter()
-        .chain(WORDS.iter())
-        .enumerate()
-    {
-        vocab.insert(t.to_string(), i as u32);
-    }
-    let special = |id: u32, s: &str| {
-        json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
-               "normalized": false, "special": true})
-    };
-    let tok = json!({
-        "version": "1.0", "truncation": null,
-        "padding": {"strategy": {"Fixed": 12}, "direction": "Right", "pad_to_multiple_of": null,
-                    "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
-        "added_tokens": [special(0, "[PAD]"), special(1, "[UNK]"), special(2, "[CLS]"), special(3, "[SEP]")],
-        "normalizer": {"type": "Lowercase"},
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": {"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                       {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
-            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
-                               "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    });
-    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
-    let cfg = json!({"model_type": "bert", "architectures": ["BertModel"], "vocab_size": vocab.len(),
-        "hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16,
-        "max_position_embeddings": 16, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"});
-    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
-    // Deterministic pseudo-random weights, so every folder built here holds the same model.
-    let mut seed = 0x2545_f491u32;
-    let mut t = |shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    };
-    let mut w: HashMap<String, Tensor> = HashMap::new();
-    let h = HIDDEN;
-    w.insert(
-        format!("{prefix}embeddings.word_embeddings.weight"),
-        t(&[vocab.len(), h]),
-    );
-    w.insert(
-        format!("{prefix}embeddings.position_embeddings.weight"),
-        t(&[16, h]),
-    );
-    w.insert(
-        format!("{prefix}embeddings.token_type_embeddings.weight"),
-        t(&[2, h]),
-    );
-    w.insert(
-        format!("{prefix}embeddings.LayerNorm.weight"),
-        (t(&[h]) + 1.0).unwrap(),
-    );
-    w.insert(format!("{prefix}embeddings.LayerNorm.bias"), t(&[h]));
-    for l in 0..2 {
-        let p = format!("{prefix}encoder.layer.{l}");
-        for (name, out, inp) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", 16, h),
-            ("output.dense", h, 16),
-        ] {
-            w.insert(format!("{p}.{name}.weight"), t(&[out, inp]));
-            w.insert(format!("{p}.{name}.bias"), t(&[out]));
-        }
-        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            w.insert(format!("{p}.{ln}.weight"), (t(&[h]) + 1.0).unwrap());
-            w.insert(format!("{p}.{ln}.bias"), t(&[h]));
-        }
-    }
-    candle_core::safetensors::save(&w, d.join("model.safetensors")).unwrap();
-    let mut modules = vec![
-        json!({"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}),
-    ];
-    modules.push(json!({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}));
-    if normalize {
-        modules.push(json!({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}));
-    }
-    std::fs::write(d.join("modules.json"), json!(modules).to_string()).unwrap();
-    if let Some(p) = pooling {
-        std::fs::create_dir_all(d.join("1_Pooling")).unwrap();
-        std::fs::write(d.join("1_Pooling/config.json"), p.to_string()).unwrap();
-    }
-    std::fs::write(
-        d.join("sentence_bert_config.json"),
-        r#"{"max_seq_length": 8, "do_lower_case": false}"#,
-    )
-    .unwrap();
-    dir
-}
-
-fn mean_pooling() -> Option<serde_json::Value> {
-    Some(json!({"word_embedding_dimension": HIDDEN, "pooling_mode_mean_tokens": true}))
-}
-
 const TEXTS: [&str; 5] = [
     "the cat sat on the mat",
     "a dog",
@@ -301,14 +148,56 @@ fn bert_prefixed_checkpoint_loads_like_plain_bert_model() {
     assert_eq!(tiny_embed(plain.path(), 2), tiny_embed(prefixed.path(), 2));
 }
 
+/// Runs `f` with a tracing subscriber on this thread that keeps the messages of WARN events.
+fn warnings_during<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    use std::sync::{Arc, Mutex};
+    use tracing::span::{Attributes, Id, Record};
+    struct Message(String);
+    impl tracing::field::Visit for Message {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0 = format!("{value:?}");
+            }
+        }
+    }
+    struct Capture(Arc<Mutex<Vec<String>>>);
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
+            *meta.level() == tracing::Level::WARN
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            self.0.lock().unwrap().push(m.0);
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let out = tracing::subscriber::with_default(Capture(log.clone()), f);
+    let messages = log.lock().unwrap().clone();
+    (out, messages)
+}
+
 #[test]
-fn missing_pooling_config_falls_back_to_mean_pooling() {
+fn missing_pooling_config_falls_back_to_mean_pooling_with_a_warning() {
     let explicit = tiny_folder("", mean_pooling(), false);
     let missing = tiny_folder("", None, false);
-    assert_eq!(
-        StFolder::read(missing.path()).unwrap().pooling,
-        vec![PoolingMode::Mean]
+    let (folder, warnings) = warnings_during(|| StFolder::read(missing.path()).unwrap());
+    assert_eq!(folder.pooling, vec![PoolingMode::Mean]);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("1_Pooling") && w.contains("falling back to mean pooling")),
+        "warnings: {warnings:?}"
     );
+    let (_, warnings) = warnings_during(|| StFolder::read(explicit.path()).unwrap());
+    assert!(warnings.is_empty(), "warnings: {warnings:?}");
     assert_eq!(
         tiny_embed(explicit.path(), 4),
         tiny_embed(missing.path(), 4)
@@ -360,9 +249,11 @@ fn projections_are_replaceable_slots_named_by_checkpoint_path() {
         .into_iter()
         .map(|(n, _)| n)
         .collect();
-    assert_eq!(names.len(), 12);
+    assert_eq!(names.len(), 13);
     assert_eq!(names[0], "encoder.layer.0.attention.self.query");
     assert_eq!(names[11], "encoder.layer.1.output.dense");
+    // Never run, but PEFT's `dense` target wraps it, so adapters may carry it.
+    assert_eq!(names[12], "pooler.dense");
     // Swapping a slot for a zeroed copy of the same shape changes the output: forward goes
     // through the slot, which is what an adapter relies on.
     for (name, slot) in e.model_mut().named_linears_mut() {

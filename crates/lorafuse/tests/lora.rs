@@ -624,6 +624,31 @@ fn peft_save_then_load_round_trips_exactly() {
     lora::save_peft(&fresh, "loaded", &out).unwrap();
 }
 
+#[test]
+fn peft_keys_without_the_peft_model_prefix_load_the_same() {
+    // transformers' `add_adapter` + `save_pretrained` (sentence-transformers' route) writes the
+    // bare module paths; the same matrices must load onto the same modules.
+    let mut m = Mock::new(DType::F32, 1);
+    let cfg = random_init(LoraConfig::new(2, 4.0, TargetModules::names(&["q_proj"])));
+    lora::apply_lora(&mut m, "mine", &cfg, DType::F32, 3).unwrap();
+    let dir = tempdir();
+    let out = dir.path().join("adapter");
+    lora::save_peft(&m, "mine", &out).unwrap();
+    let file = out.join("adapter_model.safetensors");
+    let st = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let bare: Vec<(String, Tensor)> = st
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("base_model.model.").unwrap().to_owned(), v))
+        .collect();
+    assert!(bare.iter().all(|(k, _)| k.starts_with("model.layers.")));
+    let refs: Vec<(&str, Tensor)> = bare.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    write_st(&file, &refs);
+    let mut fresh = Mock::new(DType::F32, 1);
+    lora::load_peft(&mut fresh, &out, "bare", DType::F32).unwrap();
+    let x = input(DType::F32, 2);
+    assert_eq!(max_abs_diff(&m.forward(&x), &fresh.forward(&x)), 0.0);
+}
+
 fn write_st(path: &Path, tensors: &[(&str, Tensor)]) {
     let map: std::collections::HashMap<String, Tensor> = tensors
         .iter()

@@ -4,8 +4,7 @@
 use anyhow::Context;
 use candle_core::DType;
 use clap::Args;
-use lorafuse::lora;
-use lorafuse::models::Llama;
+use lorafuse::lora::{self, HasLinears};
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug, Clone, Default)]
@@ -27,8 +26,9 @@ fn parse_spec(spec: &str) -> (PathBuf, f64) {
 }
 
 impl AdapterArgs {
-    /// Loads every adapter and activates them with their weights. Returns the adapter names.
-    pub fn apply(&self, model: &mut Llama) -> anyhow::Result<Vec<String>> {
+    /// Loads every adapter onto `model` (the decoder, or an embedder's encoder) and activates
+    /// them with their weights. Returns the adapter names.
+    pub fn apply<M: HasLinears + ?Sized>(&self, model: &mut M) -> anyhow::Result<Vec<String>> {
         let mut active = Vec::new();
         for (i, spec) in self.adapters.iter().enumerate() {
             let (dir, weight) = parse_spec(spec);
@@ -46,7 +46,7 @@ impl AdapterArgs {
     }
 }
 
-fn load_one(model: &mut Llama, dir: &Path, name: &str) -> anyhow::Result<()> {
+fn load_one<M: HasLinears + ?Sized>(model: &mut M, dir: &Path, name: &str) -> anyhow::Result<()> {
     // Adapters stay in f32 whatever the model's dtype: they are small and f32 keeps their
     // precision.
     if dir.join("adapters.safetensors").exists() && !dir.join("adapter_model.safetensors").exists()

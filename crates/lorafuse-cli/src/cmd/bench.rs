@@ -38,6 +38,9 @@ pub struct EmbedBenchArgs {
     pub device: String,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Repeat the peers' sentence this many times per document (1: ~29 tokens, 2: ~53).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -582,7 +585,9 @@ fn bench_embed(args: &EmbedBenchArgs) -> anyhow::Result<()> {
     let mut embedder = lorafuse::embed::Embedder::load(&args.model, &dev, dtype)?;
     // The peers' documents: one sentence plus a number, ~29 tokens each.
     let doc = "Low-rank adaptation freezes the pretrained weights and trains small matrices in each layer, which makes fine-tuning cheap. ";
+    let doc = doc.repeat(args.repeat.max(1));
     let docs: Vec<String> = (0..1000).map(|i| format!("{doc}{i}")).collect();
+    let tokens = embedder.tokenize(&docs[..1])?[0].len();
     let mut rows = Vec::new();
     for n in [1usize, 32, 1000] {
         embedder.options_mut().batch_size = n.min(256);
@@ -596,7 +601,8 @@ fn bench_embed(args: &EmbedBenchArgs) -> anyhow::Result<()> {
         dev.synchronize()?;
         let s = t.elapsed().as_secs_f64() / reps as f64;
         let r = serde_json::json!({"impl": "lorafuse", "device": lorafuse::device::device_name(&dev),
-            "dtype": args.dtype, "docs": n, "ms": s * 1e3, "docs_per_s": n as f64 / s});
+            "dtype": args.dtype, "docs": n, "tokens_per_doc": tokens, "ms": s * 1e3,
+            "docs_per_s": n as f64 / s});
         println!("{r}");
         rows.push(r);
     }

@@ -1,5 +1,6 @@
 //! `lorafuse embed`: sentence embeddings of texts given on the command line or in a file.
 
+use super::adapters::AdapterArgs;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use lorafuse::embed::{EmbedOptions, Embedder, Prefix};
@@ -50,6 +51,11 @@ pub struct EmbedArgs {
     /// Kernels: fused (default) or reference (stock Candle ops, for debugging and A/B timing).
     #[arg(long, value_parser = ["fused", "reference"])]
     pub kernels: Option<String>,
+    /// LoRA adapters on the encoder: PEFT folders saved from the model's `BertModel` (e.g.
+    /// `get_peft_model(st[0].auto_model, LoraConfig(target_modules=["query", "key", "value",
+    /// "dense"]))`).
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
 }
 
 /// `--json` output. A struct rather than `json!`, which would widen every f32 to f64 and print
@@ -87,7 +93,7 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         args.dtype,
         lorafuse_ops::kernel_mode()
     );
-    let embedder = Embedder::load(&args.model, &device, dtype)
+    let mut embedder = Embedder::load(&args.model, &device, dtype)
         .with_context(|| format!("loading {}", args.model.display()))?
         .with_options(EmbedOptions {
             batch_size: args.batch_size,
@@ -101,6 +107,7 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
                 .to_owned()
             }),
         });
+    args.adapters.apply(embedder.model_mut())?;
     let vectors = embedder.encode(&texts)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -120,4 +127,41 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: EmbedArgs,
+    }
+
+    fn parse(argv: &[&str]) -> EmbedArgs {
+        Cli::try_parse_from(std::iter::once("embed").chain(argv.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    #[test]
+    fn adapter_is_repeatable_with_optional_weights_as_in_generate() {
+        let a = parse(&["-m", "m", "-t", "x", "--adapter", "a", "--adapter", "b:0.5"]);
+        assert_eq!(a.adapters.adapters, vec!["a", "b:0.5"]);
+        assert!(parse(&["-m", "m", "-t", "x"]).adapters.adapters.is_empty());
+    }
+
+    #[test]
+    fn no_texts_is_an_error_that_says_what_to_give() {
+        // Checked before the model loads, so the folder need not exist.
+        let err = run(&parse(&["-m", "no/such/model"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nothing to embed") && err.contains("--text"),
+            "{err}"
+        );
+    }
 }

@@ -6,7 +6,12 @@
 //             dq_i = scale * sum_j ds_ij k_j
 //             dk_j = scale * sum_{h in group, i} ds_ij q_i,  dv_j = sum_{h in group, i} p_ij do_i
 //
-// Design choices (correctness first; d <= 128):
+// Two families of kernels. bf16/f16 with d = 64 or 128 take the tensor-core kernels in the
+// second half of this file (FlashAttention-2 style, `attention_{fwd,bwd}_tc{64,128}_*`). The
+// warp-per-row kernels below serve f32, other head dims, LORAFUSE_ATTENTION_KERNEL=simple, and
+// (split-key) every forward with tq <= 16.
+//
+// Design choices of the warp-per-row kernels (correctness first; d <= 128):
 // - One warp per row: a lane holds elements lane, lane + 32, lane + 64, lane + 96 of the row in
 //   registers (f32), so a dot product is 4 FMAs and one warp_sum. No shared memory, no
 //   __syncthreads: warps of a block are independent, and the rows of a block share k/v through L1.
@@ -266,3 +271,644 @@ __device__ __forceinline__ void att_fwd_split_impl(const T* __restrict__ q,
   }
 
 LORAFUSE_FOR_DTYPES(ATT_KERNELS)
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core flash attention (FlashAttention-2 style) for bf16 / f16 and head dims 64 and 128.
+//
+// Design choices:
+// - mma.sync.m16n8k16 (f32 accumulators) with ldmatrix from padded shared-memory tiles. Its
+//   register layouts are fixed by the PTX ISA, so the accumulator of S = Q K^T is re-packed in
+//   registers as the A operand of P V (no round trip of P through shared memory), and the online
+//   softmax works on the rows a thread owns: rows gr and gr + 8 of its warp's 16, reduced over
+//   the 4 threads of a quad with two shuffles.
+//   A (16x16): a0 (gr, 2tc..+1), a1 (gr+8, 2tc..), a2 (gr, 2tc+8..), a3 (gr+8, 2tc+8..)
+//   B (16x8):  b0 (k 2tc..+1, n gr), b1 (k 2tc+8.., n gr);  C (16x8): c0,c1 (gr, 2tc..), c2,c3 (gr+8)
+//   with gr = lane / 4, tc = lane % 4.
+// - Tiles of 64 keys (and 16 query rows a warp in the forward), rows padded by 8 elements (16
+//   bytes) so that the 8 row addresses of an ldmatrix phase fall in distinct banks. The forward's
+//   static shared memory stays under 48 KB; the backward double-buffers its query tiles in
+//   about 56 KB of dynamic shared memory, which the launcher opts into.
+// - Global -> shared copies are 16-byte cp.async (zero-filled past the last row, so padded rows
+//   hold zeros, never NaN garbage that a zero probability would turn into NaN); a tensor whose
+//   base is not 16-byte aligned (a narrowed view) takes a scalar copy instead.
+// - Scores go to the log2 domain inside one FMA (s * scale * log2 e - max) and are exponentiated
+//   with ex2.approx (the launcher sends scale <= 0 to the other kernels: the row max of raw scores
+//   is taken before scaling); the logsumexp written for the backward stays natural-log.
+// - Causal tiles past a block's last visible key are never loaded; the mask is applied only on
+//   tiles that straddle the diagonal or the sequence ends.
+// - Backward: D = rowsum(dO * O) first (`attention_bwd_delta_*`), then one block per (64-key
+//   tile, batch, query head) walks the query tiles that see its keys: dV += P^T dO,
+//   dP^T = V dO^T, dS^T = P^T (dP^T - D) scale, dK += dS^T Q, and dQ += dS K goes to an f32
+//   buffer with 16-byte vector atomics (dS^T goes through shared memory once for that product). dK and dV are
+//   per query head (f32 partial buffers, no atomics); `attention_bwd_finish_*` sums them over
+//   each GQA group and converts everything into the packed [dq | dk | dv] output.
+// ---------------------------------------------------------------------------------------------
+
+#define ATT_TC_THREADS 128  // a backward block: 4 warps of 16 keys each
+#define ATT_TC_BK 64        // keys per tile
+#define ATT_LOG2E 1.4426950408889634f
+#define ATT_LN2 0.6931471805599453f
+
+namespace att_tc {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c += a * b for one 16x8x16 tile.
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                   uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x in one MUFU instruction (exp2f adds range and denormal handling around it): relative error
+// about 2^-22, far below the 16-bit rounding of P; results under 2^-126 flush to zero, which a
+// probability can afford. ex2(-inf) is +0, which masked scores rely on.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two floats as one register of two 16-bit values, `lo` in the low half (the lower column).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// One f32 (zero-filled when src_bytes is 0): the backward's per-row lse and D.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(src_bytes));
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Rows [r0, r0 + R) of a row-major [n, D] matrix into a shared tile with row stride D + 8;
+// rows at or past n become zeros. Asynchronous when `vec` (complete after cp_async_wait and a
+// barrier), plain stores otherwise (complete after the barrier).
+template <typename T, int R, int D, int NT>
+__device__ __forceinline__ void load_tile(T* sm, const T* __restrict__ g, int r0, int n,
+                                          bool vec) {
+  constexpr int CPR = D / 8;  // 16-byte chunks per row
+  constexpr int STRIDE = D + 8;
+#pragma unroll
+  for (int c = threadIdx.x; c < R * CPR; c += NT) {
+    const int r = c / CPR, col = (c % CPR) * 8;
+    T* dst = sm + r * STRIDE + col;
+    const bool in = r0 + r < n;
+    const T* src = g + (size_t)(in ? r0 + r : 0) * D + col;
+    if (vec) {
+      cp_async16(dst, src, in ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = in ? src[e] : from_f<T>(0.f);
+    }
+  }
+}
+
+// Forward. Grid (ceil(tq / (16 NW)), b * hq), 32 NW threads; warp w owns query rows
+// 16w..16w+15 of the block's tile. Heavier (later) query tiles are scheduled first. NW = 4 for
+// both head dims: on an H200 (d = 64, T = 2048) 8-warp blocks shared the K/V tile loads but ran
+// 6% slower than 4-warp blocks (coarser blocks, a longer causal tail).
+template <typename T, int D, int NW>
+__device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict__ k,
+                                    const T* __restrict__ v, T* __restrict__ o,
+                                    float* __restrict__ lse, AttDims a) {
+  constexpr int BQ = 16 * NW, BK = ATT_TC_BK, STRIDE = D + 8, NT = 32 * NW;
+  static_assert(BQ <= 2 * BK, "Q is staged through the K and V tiles");
+  __shared__ __align__(16) uint16_t smem_raw[2 * BK * STRIDE];
+  T* sk = reinterpret_cast<T*>(smem_raw);
+  T* sv = sk + BK * STRIDE;
+
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
+  const int bh = blockIdx.y;
+  const int bi = bh / a.hq, h = bh % a.hq;
+  const int g = h / (a.hq / a.hkv);
+  const int off = a.tk - a.tq;
+  const T* qb = q + (size_t)bh * a.tq * D;
+  const T* kb = k + ((size_t)bi * a.hkv + g) * a.tk * D;
+  const T* vb = v + ((size_t)bi * a.hkv + g) * a.tk * D;
+  const bool vec = aligned16(q) && aligned16(k) && aligned16(v);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gr = lane >> 2, tc = lane & 3;
+
+  // Q through the K and V buffers into A fragments, kept in registers for the whole key loop.
+  load_tile<T, BQ, D, NT>(sk, qb, q0, a.tq, vec);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kc = 0; kc < D / 16; ++kc)
+    ldsm_x4(qf[kc], sk + (warp * 16 + (lane & 15)) * STRIDE + kc * 16 + (lane >> 4) * 8);
+  __syncthreads();
+
+  // keys visible to the block's last real row, exclusive
+  const int key_end = min(a.tq, q0 + BQ) + off;
+  const int n_tiles = (key_end + BK - 1) / BK;
+  const float sl2 = a.scale * ATT_LOG2E;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float acc[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+
+  load_tile<T, BK, D, NT>(sk, kb, 0, a.tk, vec);
+  cp_async_commit();
+  for (int kt = 0; kt < n_tiles; ++kt) {
+    const int k0 = kt * BK;
+    load_tile<T, BK, D, NT>(sv, vb, k0, a.tk, vec);
+    cp_async_commit();
+    cp_async_wait<1>();  // this tile's K
+    __syncthreads();
+
+    float s[BK / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < BK / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc) {
+#pragma unroll
+      for (int np = 0; np < BK / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, sk + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * STRIDE + kc * 16 +
+                       ((lane >> 3) & 1) * 8);
+        mma<T>(s[2 * np], qf[kc], b[0], b[1]);
+        mma<T>(s[2 * np + 1], qf[kc], b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with sk: prefetch the next K over it
+    if (kt + 1 < n_tiles) load_tile<T, BK, D, NT>(sk, kb, k0 + BK, a.tk, vec);
+    cp_async_commit();  // possibly empty: keeps the group count uniform
+
+    const bool edge = k0 + BK - 1 > q0 + off || k0 + BK > a.tk;
+    if (edge) {
+#pragma unroll
+      for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int i = q0 + warp * 16 + gr + 8 * (c >> 1);
+          const int j = k0 + nt * 8 + 2 * tc + (c & 1);
+          if (j > i + off || j >= a.tk) s[nt][c] = -INFINITY;
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;  // of the raw scores (scale > 0: the max commutes with scaling)
+#pragma unroll
+      for (int nt = 0; nt < BK / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[r], mx * sl2);
+      // a row with no visible key yet keeps m = -inf: subtract 0 so no inf - inf appears
+      const float base = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = fast_exp2(m[r] - base);
+      m[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float p = fast_exp2(fmaf(s[nt][2 * r + e], sl2, -base));
+          s[nt][2 * r + e] = p;
+          sum += p;
+        }
+      }
+      l[r] = l[r] * alpha + sum;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        acc[dt][2 * r] *= alpha;
+        acc[dt][2 * r + 1] *= alpha;
+      }
+    }
+
+    cp_async_wait<1>();  // this tile's V (the next K may still be in flight)
+    __syncthreads();
+#pragma unroll
+    for (int kc = 0; kc < BK / 16; ++kc) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * kc][0], s[2 * kc][1]),
+                              pack2<T>(s[2 * kc][2], s[2 * kc][3]),
+                              pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                              pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_t(b, sv + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * STRIDE + dp * 16 +
+                         (lane >> 4) * 8);
+        mma<T>(acc[2 * dp], pa, b[0], b[1]);
+        mma<T>(acc[2 * dp + 1], pa, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with sv before the next tile's V lands on it
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float lr = l[r];
+    lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+    lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+    const int i = q0 + warp * 16 + gr + 8 * r;
+    if (i >= a.tq) continue;
+    const float inv = 1.f / lr;
+    const size_t row = (size_t)bh * a.tq + i;
+    T* orow = o + row * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * tc) =
+          pack2<T>(acc[dt][2 * r] * inv, acc[dt][2 * r + 1] * inv);
+    if (tc == 0) lse[row] = m[r] * ATT_LN2 + logf(lr);
+  }
+}
+
+// Dynamic shared memory of the backward, bytes: [K | Q x2 | dO x2 | dS^T | lse x2 | D x2]
+// (16-bit tiles, f32 rows). Mirrored by `bwd_smem_bytes` in cuda.rs.
+template <int D, int QT>
+__host__ __device__ constexpr int bwd_smem_bytes() {
+  return 2 * (ATT_TC_BK * (D + 8) + 4 * QT * (D + 8) + ATT_TC_BK * (QT + 8)) + 4 * 4 * QT;
+}
+
+extern __shared__ __align__(16) unsigned char att_dyn_smem[];
+
+// Backward. Grid (ceil(tk / 64), b * hq), 128 threads, bwd_smem_bytes<D, QT>() of dynamic shared
+// memory; warp w owns keys 16w..16w+15 of the block's tile and walks query tiles of QT rows (64
+// for d = 64; 32 for d = 128, which keeps the registers in bounds), double-buffered: the next
+// tile's Q, dO, lse and D load while this one computes. dq_acc is f32 [b, hq, tq, D], zeroed by
+// the caller; dkv_part is f32 [2][b, hq, tk, D] (dk then dv of every query head), fully written.
+template <typename T, int D, int QT>
+__device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict__ k,
+                                    const T* __restrict__ v, const T* __restrict__ dout,
+                                    const float* __restrict__ lse,
+                                    const float* __restrict__ delta, float* __restrict__ dq_acc,
+                                    float* __restrict__ dkv_part, AttDims a) {
+  constexpr int BK = ATT_TC_BK, STRIDE = D + 8, QSTRIDE = QT + 8, NT = ATT_TC_THREADS;
+  constexpr int QTILE = QT * STRIDE;
+  static_assert(4 * QT >= BK, "V staging needs the query tiles together");
+  {
+    // a launch with less dynamic shared memory than the layout needs must fail, not corrupt
+    uint32_t dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < (uint32_t)bwd_smem_bytes<D, QT>()) __trap();
+  }
+  T* sk = reinterpret_cast<T*>(att_dyn_smem);
+  T* sq0 = sk + BK * STRIDE;  // Q tiles 0 and 1, then dO tiles 0 and 1
+  T* sds = sq0 + 4 * QTILE;
+  float* s_lse0 = reinterpret_cast<float*>(sds + BK * QSTRIDE);  // [2][QT], then D [2][QT]
+
+  const int k0 = blockIdx.x * ATT_TC_BK;  // heavier (earlier) key tiles first
+  const int bh = blockIdx.y;
+  const int bi = bh / a.hq, h = bh % a.hq;
+  const int g = h / (a.hq / a.hkv);
+  const int off = a.tk - a.tq;
+  const T* qb = q + (size_t)bh * a.tq * D;
+  const T* dob = dout + (size_t)bh * a.tq * D;
+  const T* kb = k + ((size_t)bi * a.hkv + g) * a.tk * D;
+  const T* vb = v + ((size_t)bi * a.hkv + g) * a.tk * D;
+  const float* lse_b = lse + (size_t)bh * a.tq;
+  const float* delta_b = delta + (size_t)bh * a.tq;
+  const bool vec = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gr = lane >> 2, tc = lane & 3;
+  const float sl2 = a.scale * ATT_LOG2E;
+
+  load_tile<T, BK, D, NT>(sk, kb, k0, a.tk, vec);
+  load_tile<T, BK, D, NT>(sq0, vb, k0, a.tk, vec);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t vf[D / 16][4];  // this warp's 16 V rows as A fragments (for dP^T = V dO^T)
+#pragma unroll
+  for (int kc = 0; kc < D / 16; ++kc)
+    ldsm_x4(vf[kc], sq0 + (warp * 16 + (lane & 15)) * STRIDE + kc * 16 + (lane >> 4) * 8);
+  __syncthreads();
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dk[dt][c] = dv[dt][c] = 0.f;
+
+  // query i sees key j when j <= i + off: the first query that sees key k0
+  const int first_q = max(0, k0 - off);
+  const int n_qt = (a.tq + QT - 1) / QT;
+  const int qt_first = first_q / QT;
+  // query tile `qt` into buffer `buf` (rows past tq as zeros); one cp.async group
+  auto issue = [&](int qt, int buf) {
+    const int q0 = qt * QT;
+    load_tile<T, QT, D, NT>(sq0 + buf * QTILE, qb, q0, a.tq, vec);
+    load_tile<T, QT, D, NT>(sq0 + (2 + buf) * QTILE, dob, q0, a.tq, vec);
+    if (threadIdx.x < QT) {
+      const int i = q0 + threadIdx.x;
+      const int src = min(i, a.tq - 1), bytes = i < a.tq ? 4 : 0;
+      cp_async4(s_lse0 + buf * QT + threadIdx.x, lse_b + src, bytes);
+      cp_async4(s_lse0 + (2 + buf) * QT + threadIdx.x, delta_b + src, bytes);
+    }
+    cp_async_commit();
+  };
+  issue(qt_first, 0);
+  for (int qt = qt_first; qt < n_qt; ++qt) {
+    const int q0 = qt * QT;
+    const int buf = (qt - qt_first) & 1;
+    // the other buffer was last read before the previous iteration's closing barrier
+    if (qt + 1 < n_qt) {
+      issue(qt + 1, buf ^ 1);
+    } else {
+      cp_async_commit();  // empty group: keeps "all but the newest group" meaning this tile
+    }
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* sq = sq0 + buf * QTILE;
+    const T* sdo = sq0 + (2 + buf) * QTILE;
+    const float* s_lse = s_lse0 + buf * QT;
+    const float* s_delta = s_lse0 + (2 + buf) * QT;
+
+    // S^T = K Q^T: this warp's 16 keys x QT queries
+    float st[QT / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < QT / 8; ++nt) st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc) {
+      uint32_t ka[4];
+      ldsm_x4(ka, sk + (warp * 16 + (lane & 15)) * STRIDE + kc * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < QT / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, sq + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * STRIDE + kc * 16 +
+                       ((lane >> 3) & 1) * 8);
+        mma<T>(st[2 * np], ka, b[0], b[1]);
+        mma<T>(st[2 * np + 1], ka, b[2], b[3]);
+      }
+    }
+    // P^T = exp(S^T scale - lse), zero where masked
+    const bool edge = k0 + BK - 1 > q0 + off || q0 + QT > a.tq || k0 + BK > a.tk;
+#pragma unroll
+    for (int nt = 0; nt < QT / 8; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int il = nt * 8 + 2 * tc + (c & 1);
+        const int i = q0 + il;
+        const int j = k0 + warp * 16 + gr + 8 * (c >> 1);
+        // exp2f, not fast_exp2: the latter tips this kernel over its 168-register cap into a
+        // spill, and the backward is bound by shared memory, not by MUFU
+        const float p = exp2f(fmaf(st[nt][c], sl2, -s_lse[il] * ATT_LOG2E));
+        st[nt][c] = edge && (j > i + off || i >= a.tq || j >= a.tk) ? 0.f : p;
+      }
+    }
+
+    // dV += P^T dO
+#pragma unroll
+    for (int kc = 0; kc < QT / 16; ++kc) {
+      const uint32_t pa[4] = {pack2<T>(st[2 * kc][0], st[2 * kc][1]),
+                              pack2<T>(st[2 * kc][2], st[2 * kc][3]),
+                              pack2<T>(st[2 * kc + 1][0], st[2 * kc + 1][1]),
+                              pack2<T>(st[2 * kc + 1][2], st[2 * kc + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_t(b, sdo + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * STRIDE + dp * 16 +
+                         (lane >> 4) * 8);
+        mma<T>(dv[2 * dp], pa, b[0], b[1]);
+        mma<T>(dv[2 * dp + 1], pa, b[2], b[3]);
+      }
+    }
+
+    // dP^T = V dO^T
+    float dpt[QT / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < QT / 8; ++nt) dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc) {
+#pragma unroll
+      for (int np = 0; np < QT / 16; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, sdo + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * STRIDE + kc * 16 +
+                       ((lane >> 3) & 1) * 8);
+        mma<T>(dpt[2 * np], vf[kc], b[0], b[1]);
+        mma<T>(dpt[2 * np + 1], vf[kc], b[2], b[3]);
+      }
+    }
+    // dS^T = P^T (dP^T - D) scale (the softmax scale folded in once, for dK and dQ alike)
+#pragma unroll
+    for (int nt = 0; nt < QT / 8; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int il = nt * 8 + 2 * tc + (c & 1);
+        dpt[nt][c] = st[nt][c] * (dpt[nt][c] - s_delta[il]) * a.scale;
+      }
+    }
+
+    // dK += dS^T Q, and dS^T to shared memory for dQ
+#pragma unroll
+    for (int kc = 0; kc < QT / 16; ++kc) {
+      const uint32_t da[4] = {pack2<T>(dpt[2 * kc][0], dpt[2 * kc][1]),
+                              pack2<T>(dpt[2 * kc][2], dpt[2 * kc][3]),
+                              pack2<T>(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]),
+                              pack2<T>(dpt[2 * kc + 1][2], dpt[2 * kc + 1][3])};
+      T* ds_row = sds + (warp * 16 + gr) * QSTRIDE + kc * 16 + 2 * tc;
+      *reinterpret_cast<uint32_t*>(ds_row) = da[0];
+      *reinterpret_cast<uint32_t*>(ds_row + 8 * QSTRIDE) = da[1];
+      *reinterpret_cast<uint32_t*>(ds_row + 8) = da[2];
+      *reinterpret_cast<uint32_t*>(ds_row + 8 * QSTRIDE + 8) = da[3];
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_t(b, sq + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * STRIDE + dp * 16 +
+                         (lane >> 4) * 8);
+        mma<T>(dk[2 * dp], da, b[0], b[1]);
+        mma<T>(dk[2 * dp + 1], da, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // dS^T of every warp is in shared memory
+
+    // dQ += dS K over the block's 64 keys: warp w takes query rows qr..qr+15, columns
+    // dc0..dc0+DC-1 of the QT x D tile
+    constexpr int RG = QT / 16, DC = D / (4 / RG);
+    const int qr = (warp % RG) * 16, dc0 = (warp / RG) * DC;
+    float dq[DC / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < DC / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < BK / 16; ++kc) {
+      uint32_t da[4];  // dS rows (queries) x keys, read transposed from dS^T
+      ldsm_x4_t(da, sds + (kc * 16 + (lane & 7) + (lane >> 4) * 8) * QSTRIDE + qr +
+                        ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int dp = 0; dp < DC / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_t(b, sk + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * STRIDE + dc0 +
+                         dp * 16 + (lane >> 4) * 8);
+        mma<T>(dq[2 * dp], da, b[0], b[1]);
+        mma<T>(dq[2 * dp + 1], da, b[2], b[3]);
+      }
+    }
+    // One 16-byte reduction per thread and n-tile (sm_90 vector atomics, a quarter of the scalar
+    // ones): lane pairs (tc, tc ^ 1) swap halves so that an even tc holds 4 columns of row gr and
+    // an odd tc the same 4 columns of row gr + 8.
+    {
+      const bool odd = tc & 1;
+      const int i = q0 + qr + gr + (odd ? 8 : 0);
+      float* dst = dq_acc + ((size_t)bh * a.tq + i) * D + dc0 + 2 * (tc & ~1);
+#pragma unroll
+      for (int nt = 0; nt < DC / 8; ++nt) {
+        const float r0 = __shfl_xor_sync(0xffffffffu, odd ? dq[nt][0] : dq[nt][2], 1);
+        const float r1 = __shfl_xor_sync(0xffffffffu, odd ? dq[nt][1] : dq[nt][3], 1);
+        const float4 val = odd ? make_float4(r0, r1, dq[nt][2], dq[nt][3])
+                               : make_float4(dq[nt][0], dq[nt][1], r0, r1);
+        if (i < a.tq) atomicAdd(reinterpret_cast<float4*>(dst + nt * 8), val);
+      }
+    }
+    __syncthreads();  // the next prefetch overwrites this tile's buffers, the next tile sds
+  }
+
+  const size_t part = (size_t)a.b * a.hq * a.tk * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = k0 + warp * 16 + gr + 8 * r;
+    if (j >= a.tk) continue;
+    float* dkr = dkv_part + ((size_t)bh * a.tk + j) * D + 2 * tc;
+    float* dvr = dkr + part;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<float2*>(dkr + dt * 8) = make_float2(dk[dt][2 * r], dk[dt][2 * r + 1]);
+      *reinterpret_cast<float2*>(dvr + dt * 8) = make_float2(dv[dt][2 * r], dv[dt][2 * r + 1]);
+    }
+  }
+}
+
+}  // namespace att_tc
+
+// D_i = dO_i . O_i, a warp per row. Grid (ceil(tq / 4), b * hq), 128 threads.
+template <typename T>
+__device__ __forceinline__ void att_bwd_delta_impl(const T* __restrict__ o,
+                                                   const T* __restrict__ dout,
+                                                   float* __restrict__ delta, AttDims a) {
+  const int i = blockIdx.x * ATT_ROWS_PER_BLOCK + (threadIdx.x >> 5);
+  if (i >= a.tq) return;
+  const size_t row = (size_t)blockIdx.y * a.tq + i;
+  float gr[ATT_MAX_CHUNKS];
+  load_row(dout + row * a.d, a.d, gr);
+  const float d_i = dot_row(gr, o + row * a.d, a.d);
+  if ((threadIdx.x & 31) == 0) delta[row] = d_i;
+}
+
+// Packed [dq | dk | dv] from the f32 accumulators: dq as is, dk and dv summed over the query
+// heads of each kv head's group. Grid-stride over every output element; index arithmetic in I
+// (32-bit when the sizes allow: 64-bit division by a run-time value costs tens of instructions).
+template <typename T, typename I>
+__device__ __forceinline__ void att_bwd_finish_body(const float* __restrict__ dq_acc,
+                                                    const float* __restrict__ dkv_part,
+                                                    T* __restrict__ out, AttDims a) {
+  const I nq = (I)a.b * a.hq * a.tq * a.d;
+  const I per_head = (I)a.tk * a.d;
+  const I nk = (I)a.b * a.hkv * per_head;
+  const I part = (I)a.b * a.hq * per_head;
+  const int rep = a.hq / a.hkv;
+  const I total = nq + 2 * nk;
+  for (I e = (I)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (I)gridDim.x * blockDim.x) {
+    if (e < nq) {
+      out[e] = from_f<T>(dq_acc[e]);
+      continue;
+    }
+    const I e2 = e - nq;
+    const I which = e2 / nk, r = e2 - which * nk;  // 0: dk, 1: dv
+    const I bg = r / per_head, rem = r - bg * per_head;
+    const I bi = bg / a.hkv, g = bg - bi * a.hkv;
+    const float* src = dkv_part + which * part + (bi * a.hq + g * rep) * per_head + rem;
+    float s = 0.f;
+    for (int u = 0; u < rep; ++u) s += src[(I)u * per_head];
+    out[e] = from_f<T>(s);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void att_bwd_finish_impl(const float* __restrict__ dq_acc,
+                                                    const float* __restrict__ dkv_part,
+                                                    T* __restrict__ out, AttDims a) {
+  // the largest index formed is below part + per_head + total plus one grid stride: 2^31 leaves
+  // room for all of them when the f32 partials (the largest buffer) hold under 2^30 elements
+  const size_t part = (size_t)a.b * a.hq * a.tk * a.d;
+  const size_t total = (size_t)a.b * a.hq * a.tq * a.d + 2 * (size_t)a.b * a.hkv * a.tk * a.d;
+  if (2 * part < (1u << 30) && total < (1u << 30))
+    att_bwd_finish_body<T, uint32_t>(dq_acc, dkv_part, out, a);
+  else
+    att_bwd_finish_body<T, size_t>(dq_acc, dkv_part, out, a);
+}
+
+// The second __launch_bounds__ figures cap registers so that 4 (forward d = 64) or 3 blocks share
+// a multiprocessor; `nvcc -Xptxas -v` shows every variant spill-free under them.
+#define ATT_TC_KERNELS(T, SUFFIX)                                                               \
+  extern "C" __global__ void __launch_bounds__(128, 4)                                          \
+      attention_fwd_tc64_##SUFFIX(const T* q, const T* k, const T* v, T* o, float* lse,         \
+                                  AttDims a) {                                                  \
+    att_tc::fwd<T, 64, 4>(q, k, v, o, lse, a);                                                  \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(128, 3)                                          \
+      attention_fwd_tc128_##SUFFIX(const T* q, const T* k, const T* v, T* o, float* lse,        \
+                                   AttDims a) {                                                 \
+    att_tc::fwd<T, 128, 4>(q, k, v, o, lse, a);                                                 \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(ATT_TC_THREADS, 3) attention_bwd_tc64_##SUFFIX(  \
+      const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,  \
+      float* dq_acc, float* dkv_part, AttDims a) {                                              \
+    att_tc::bwd<T, 64, 64>(q, k, v, dout, lse, delta, dq_acc, dkv_part, a);                     \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(ATT_TC_THREADS) attention_bwd_tc128_##SUFFIX(    \
+      const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,  \
+      float* dq_acc, float* dkv_part, AttDims a) {                                              \
+    att_tc::bwd<T, 128, 32>(q, k, v, dout, lse, delta, dq_acc, dkv_part, a);                    \
+  }                                                                                             \
+  extern "C" __global__ void attention_bwd_delta_##SUFFIX(const T* o, const T* dout,            \
+                                                          float* delta, AttDims a) {            \
+    att_bwd_delta_impl<T>(o, dout, delta, a);                                                   \
+  }                                                                                             \
+  extern "C" __global__ void attention_bwd_finish_##SUFFIX(const float* dq_acc,                 \
+                                                           const float* dkv_part, T* out,       \
+                                                           AttDims a) {                         \
+    att_bwd_finish_impl<T>(dq_acc, dkv_part, out, a);                                           \
+  }
+
+// Tensor cores take 16-bit operands only: f32 keeps the kernels above.
+ATT_TC_KERNELS(__nv_bfloat16, bf16)
+ATT_TC_KERNELS(__half, f16)

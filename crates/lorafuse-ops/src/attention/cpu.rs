@@ -9,10 +9,11 @@
 //! (each key gathers over every query head of its group and every row that sees it, so GQA needs
 //! no reduction buffer). `D_i = do_i . o_i` is computed once per row first.
 //!
-//! Arithmetic is f64 whatever the storage dtype (as in the crate's other CPU kernels): the
-//! results round once, on store.
+//! This scalar kernel (f64 arithmetic) serves f64 storage, where the tests take finite
+//! differences; f32, bf16 and f16 go to the block-GEMM kernel in `cpu_blocked.rs`, many times
+//! faster.
 
-use candle_core::WithDType;
+use candle_core::{DType, WithDType};
 use rayon::prelude::*;
 
 /// Sizes of one call: `q` `[b, hq, tq, d]`, `k`/`v` `[b, hkv, tk, d]`.
@@ -29,19 +30,19 @@ pub(crate) struct Dims {
 
 impl Dims {
     /// The kv head a query head reads.
-    fn kv_head(&self, h: usize) -> usize {
+    pub(super) fn kv_head(&self, h: usize) -> usize {
         h / (self.hq / self.hkv)
     }
     /// The last key query row `i` sees.
-    fn last_key(&self, i: usize) -> usize {
+    pub(super) fn last_key(&self, i: usize) -> usize {
         i + self.tk - self.tq
     }
     /// Start of query row `(b, h, i)` in `q`/`o`.
-    fn q_row(&self, b: usize, h: usize, i: usize) -> usize {
+    pub(super) fn q_row(&self, b: usize, h: usize, i: usize) -> usize {
         ((b * self.hq + h) * self.tq + i) * self.d
     }
     /// Start of key row `(b, g, j)` in `k`/`v`.
-    fn k_row(&self, b: usize, g: usize, j: usize) -> usize {
+    pub(super) fn k_row(&self, b: usize, g: usize, j: usize) -> usize {
         ((b * self.hkv + g) * self.tk + j) * self.d
     }
 }
@@ -53,6 +54,9 @@ fn dot<T: WithDType>(a: &[T], b: &[T]) -> f64 {
 
 /// `(o, lse)`: the attention output in `T` and the per-row logsumexp in f64.
 pub(crate) fn fwd<T: WithDType>(q: &[T], k: &[T], v: &[T], dm: Dims) -> (Vec<T>, Vec<f64>) {
+    if T::DTYPE != DType::F64 {
+        return super::cpu_blocked::fwd(q, k, v, dm);
+    }
     let d = dm.d;
     let rows = dm.b * dm.hq * dm.tq;
     let mut o = vec![T::zero(); rows * d];
@@ -104,6 +108,9 @@ pub(crate) fn bwd<T: WithDType>(
     lse: &[f64],
     dm: Dims,
 ) -> Vec<T> {
+    if T::DTYPE != DType::F64 {
+        return super::cpu_blocked::bwd(q, k, v, o, g, lse, dm);
+    }
     let d = dm.d;
     let rows = dm.b * dm.hq * dm.tq;
     let delta: Vec<f64> = (0..rows)

@@ -1,4 +1,9 @@
 //! Attention CUDA launchers for the kernels in `attention.cu`.
+//!
+//! bf16/f16 with head dim 64 or 128 run the tensor-core (FlashAttention-2 style) kernels; f32,
+//! other head dims and `LORAFUSE_ATTENTION_KERNEL=simple` (A/B timing, debugging) run the
+//! warp-per-row kernels. Short query blocks (`tq <= SPLIT_MAX_TQ`) keep the split-key forward
+//! whatever the dtype.
 
 use super::cpu::Dims;
 use super::OP;
@@ -6,12 +11,13 @@ use crate::cuda_util::{self, ptx_module, PtxModule};
 use crate::error::{shape_err, OpError};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor, WithDType};
 use half::{bf16, f16};
+use std::sync::OnceLock;
 
 const MODULE: PtxModule = ptx_module!("attention");
 /// Query (or key) rows per block: one warp each (`ATT_ROWS_PER_BLOCK` in the kernel source).
@@ -21,6 +27,45 @@ const SPLIT: u32 = 8;
 /// Up to this many queries per head the forward splits each row's keys over a block of warps
 /// (decode steps, short chunks: a warp per row would leave the card idle).
 const SPLIT_MAX_TQ: usize = 16;
+
+/// Keys of one tensor-core backward block (`ATT_TC_BK` in the kernel source).
+const TC_TILE: usize = 64;
+/// Threads of a tensor-core backward block (`ATT_TC_THREADS`).
+const TC_THREADS: u32 = 128;
+
+/// Warps of a tensor-core forward block (16 query rows each): the `NW` the kernel source
+/// instantiates `att_tc::fwd` with, for either head dim.
+const TC_FWD_WARPS: usize = 4;
+
+/// Dynamic shared memory of a tensor-core backward block, bytes: `bwd_smem_bytes<D, QT>()` in
+/// the kernel source (which traps on a launch with less), with QT = 64 for d = 64 and 32 for
+/// d = 128: a 64-key tile, two query tiles of Q and of dO, the dS^T tile (16-bit elements, rows
+/// padded by 8), and two buffers of the f32 lse and D rows.
+fn tc_bwd_smem_bytes(d: usize) -> u32 {
+    let qt = if d == 64 { 64 } else { 32 };
+    (2 * (TC_TILE * (d + 8) + 4 * qt * (d + 8) + TC_TILE * (qt + 8)) + 16 * qt) as u32
+}
+
+/// The tensor-core kernels' head-dim suffix (`tc64`, `tc128`) when they take a call: 16-bit
+/// storage (the mma operands), a head dim they are instantiated for, a positive finite scale (the
+/// forward takes the row max before scaling), and not switched off by
+/// `LORAFUSE_ATTENTION_KERNEL=simple` (read once).
+fn tensor_core_variant(dtype: DType, dm: &Dims) -> Option<&'static str> {
+    static SIMPLE: OnceLock<bool> = OnceLock::new();
+    let simple = *SIMPLE.get_or_init(|| {
+        std::env::var("LORAFUSE_ATTENTION_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("simple"))
+    });
+    let scale = dm.scale as f32; // as the kernels get it
+    let scale_ok = scale.is_finite() && scale > 0.0;
+    if simple || !scale_ok || !matches!(dtype, DType::BF16 | DType::F16) {
+        return None;
+    }
+    match dm.d {
+        64 => Some("tc64"),
+        128 => Some("tc128"),
+        _ => None,
+    }
+}
 
 /// The kernels' `AttDims` argument.
 #[repr(C)]
@@ -111,16 +156,32 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
                 block_dim: (32 * SPLIT, 1, 1),
                 shared_mem_bytes: 0,
             };
-            ("attention_fwd_split", cfg)
+            ("attention_fwd_split".to_string(), cfg)
+        } else if let Some(tc) = tensor_core_variant(T::DTYPE, &dm) {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    dm.tq.div_ceil(16 * TC_FWD_WARPS) as u32,
+                    (dm.b * dm.hq) as u32,
+                    1,
+                ),
+                block_dim: (32 * TC_FWD_WARPS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (format!("attention_fwd_{tc}"), cfg)
         } else {
-            ("attention_fwd", rows_launch(dm.tq, dm.b * dm.hq))
+            (
+                "attention_fwd".to_string(),
+                rows_launch(dm.tq, dm.b * dm.hq),
+            )
         };
-        let kern = MODULE.kernel_for(dev, name, T::DTYPE, OP)?;
+        let kern = MODULE.kernel_for(dev, &name, T::DTYPE, OP)?;
         let mut b = kern.builder();
         b.arg(&q).arg(&k).arg(&v).arg(&o).arg(&lse).arg(&a);
-        // SAFETY: matches `attention_fwd{,_split}_*(const T*, const T*, const T*, T*, float*,
-        // AttDims)`; q/o hold b*hq*tq*d elements, k/v b*hkv*tk*d, lse b*hq*tq; a warp (or a
-        // block of SPLIT warps) per query row.
+        // SAFETY: matches `attention_fwd{,_split,_tc64,_tc128}_*(const T*, const T*, const T*,
+        // T*, float*, AttDims)`; q/o hold b*hq*tq*d elements, k/v b*hkv*tk*d, lse b*hq*tq; a
+        // warp (or a block of SPLIT warps) per query row, or a tensor-core block of
+        // TC_FWD_WARPS warps per 16 * TC_FWD_WARPS rows (d matches the kernel's head dim:
+        // `tensor_core_variant`).
         unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
     }
     let lse = Tensor::from_storage(
@@ -200,6 +261,18 @@ fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
     if rows == 0 {
         return Ok(cuda_util::wrap(out, dev));
     }
+    if let Some(tc) = tensor_core_variant(T::DTYPE, &dm) {
+        bwd_tensor_cores::<T>(
+            tc,
+            dev,
+            (&q, &k, &v, &o, &g, &lse),
+            &mut delta,
+            &mut out,
+            a,
+            dm,
+        )?;
+        return Ok(cuda_util::wrap(out, dev));
+    }
     {
         let mut dq = out.slice_mut(0..nq);
         let kern = MODULE.kernel_for(dev, "attention_bwd_dq", T::DTYPE, OP)?;
@@ -237,4 +310,75 @@ fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
             .map_err(cuda_util::driver_err(OP))?;
     }
     Ok(cuda_util::wrap(out, dev))
+}
+
+/// The tensor-core backward: `D = rowsum(dO * O)`, then the FlashAttention-2 pass (dq into an f32
+/// buffer by atomics, dk/dv per query head into f32 partials), then one pass that sums the
+/// partials over each GQA group and writes the packed `[dq | dk | dv]`.
+#[allow(clippy::type_complexity)]
+fn bwd_tensor_cores<T: CudaDType + DeviceRepr + WithDType>(
+    tc: &str,
+    dev: &CudaDevice,
+    (q, k, v, o, g, lse): (
+        &CudaView<'_, T>,
+        &CudaView<'_, T>,
+        &CudaView<'_, T>,
+        &CudaView<'_, T>,
+        &CudaView<'_, T>,
+        &CudaView<'_, f32>,
+    ),
+    delta: &mut CudaSlice<f32>,
+    out: &mut CudaSlice<T>,
+    a: AttDims,
+    dm: Dims,
+) -> Result<()> {
+    let nq = dm.b * dm.hq * dm.tq * dm.d;
+    // dk and dv of every query head, before the sum over its group
+    let n_part = dm.b * dm.hq * dm.tk * dm.d;
+    let mut dq_acc = cuda_util::alloc_zeros::<f32>(dev, nq.max(1))?;
+    let mut dkv_part = cuda_util::alloc::<f32>(dev, (2 * n_part).max(1))?;
+    {
+        let kern = MODULE.kernel_for(dev, "attention_bwd_delta", T::DTYPE, OP)?;
+        let mut b = kern.builder();
+        b.arg(o).arg(g).arg(&mut *delta).arg(&a);
+        // SAFETY: matches `attention_bwd_delta_*(const T* o, const T* dout, float* delta,
+        // AttDims)`; o/dout hold b*hq*tq*d elements, delta b*hq*tq; a warp per row.
+        unsafe { b.launch(rows_launch(dm.tq, dm.b * dm.hq)) }.map_err(cuda_util::driver_err(OP))?;
+    }
+    {
+        let kern = MODULE.kernel_for(dev, &format!("attention_bwd_{tc}"), T::DTYPE, OP)?;
+        let smem = tc_bwd_smem_bytes(dm.d);
+        kern.allow_dynamic_shared(smem, OP)?;
+        let mut b = kern.builder();
+        b.arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(g)
+            .arg(lse)
+            .arg(&*delta)
+            .arg(&mut dq_acc)
+            .arg(&mut dkv_part)
+            .arg(&a);
+        let cfg = LaunchConfig {
+            grid_dim: (dm.tk.div_ceil(TC_TILE) as u32, (dm.b * dm.hq) as u32, 1),
+            block_dim: (TC_THREADS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: matches `attention_bwd_tc{64,128}_*(const T* q, k, v, dout, const float* lse,
+        // const float* delta, float* dq_acc, float* dkv_part, AttDims)`; dq_acc holds (zeroed)
+        // b*hq*tq*d floats, dkv_part 2*b*hq*tk*d; a block per 64 keys of each query head, and
+        // d matches the kernel's head dim (`tensor_core_variant`).
+        unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
+    }
+    {
+        let kern = MODULE.kernel_for(dev, "attention_bwd_finish", T::DTYPE, OP)?;
+        let mut b = kern.builder();
+        b.arg(&dq_acc).arg(&dkv_part).arg(&mut *out).arg(&a);
+        let total = nq + 2 * dm.b * dm.hkv * dm.tk * dm.d;
+        // SAFETY: matches `attention_bwd_finish_*(const float* dq_acc, const float* dkv_part,
+        // T* out, AttDims)`; out holds nq + 2*b*hkv*tk*d elements, the kernel grid-strides.
+        unsafe { b.launch(cuda_util::elementwise_launch(total)) }
+            .map_err(cuda_util::driver_err(OP))?;
+    }
+    Ok(())
 }

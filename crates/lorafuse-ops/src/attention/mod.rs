@@ -7,6 +7,7 @@
 //! views. See `cpu.rs` and `attention.cu` for the kernels.
 
 mod cpu;
+mod cpu_blocked;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "metal")]

@@ -18,10 +18,19 @@ const SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
 ];
 
 fn inputs(s: (usize, usize, usize, usize, usize, usize), seed: u64) -> Result<Vec<Tensor>> {
+    inputs_q_scaled(s, seed, 1.0)
+}
+
+/// `q` uniform in `[-q_scale, q_scale)`, `k` and `v` in `[-1, 1)` (f64, CPU).
+fn inputs_q_scaled(
+    s: (usize, usize, usize, usize, usize, usize),
+    seed: u64,
+    q_scale: f64,
+) -> Result<Vec<Tensor>> {
     let (b, hq, hkv, tq, tk, d) = s;
     let cpu = &Device::Cpu;
     Ok(vec![
-        rand_tensor(&[b, hq, tq, d], 1.0, seed, DType::F64, cpu)?,
+        rand_tensor(&[b, hq, tq, d], q_scale, seed, DType::F64, cpu)?,
         rand_tensor(&[b, hkv, tk, d], 1.0, seed + 1, DType::F64, cpu)?,
         rand_tensor(&[b, hkv, tk, d], 1.0, seed + 2, DType::F64, cpu)?,
     ])
@@ -73,6 +82,121 @@ test_device!(
     attention_fwd_and_grads_match_reference_cpu,
     attention_fwd_and_grads_match_reference_cuda
 );
+
+/// Shapes that take the CUDA tensor-core kernels in bf16/f16 (head dims 64 and 128): lengths that
+/// are not multiples of the 64-row tiles, several query and key tiles, `tq < tk` with offsets
+/// below and above one tile, GQA groups of 1, 2 and 3, and a decode-sized `tq` (split-key
+/// forward, tensor-core backward). f32 runs them through the warp-per-row kernels.
+const TC_SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
+    (2, 4, 2, 100, 100, 64),
+    (1, 4, 4, 64, 64, 64),
+    (1, 2, 1, 260, 260, 64),
+    (1, 2, 1, 200, 333, 64),
+    (1, 6, 2, 77, 130, 128),
+    (1, 2, 1, 150, 150, 128),
+    (1, 2, 2, 12, 70, 64),
+];
+
+/// The fused op on `TC_SHAPES` against the f32 reference on the same (rounded) inputs: the
+/// forward within `common::tol(dtype)` (bf16 1e-2, f16 2e-3, relative to |want| + 1, as
+/// `assert_close` measures), the gradients of q, k and v within `grad_tol(dtype)` (bf16 3e-2,
+/// f16 5e-3). The tensor-core kernels round P and dS to the storage dtype before their matrix
+/// products (as FlashAttention does), which these bounds cover with room. q is drawn from
+/// [-2, 2) so that the softmax is far from uniform.
+fn attention_tensor_core_shapes_on(dev: &Device) -> Result<()> {
+    for dtype in common::dtypes(dev).into_iter().filter(|d| *d != DType::F64) {
+        for (i, &s) in TC_SHAPES.iter().enumerate() {
+            let ins: Vec<Tensor> = inputs_q_scaled(s, 500 + 10 * i as u64, 2.0)?
+                .iter()
+                .map(|t| t.to_dtype(dtype)?.to_device(dev))
+                .collect::<Result<_>>()?;
+            let what = format!("attention (b, hq, hkv, tq, tk, d) = {s:?} {dtype:?}");
+            let (out, grads) = common::grads_of(&ins, 3, 7, &fused)?;
+            assert_eq!(out.dtype(), dtype, "{what}: output dtype");
+            let oracle: Vec<Tensor> = ins
+                .iter()
+                .map(|t| t.to_dtype(common::oracle_dtype(dtype)))
+                .collect::<Result<_>>()?;
+            let (want, want_grads) = common::grads_of(&oracle, 3, 7, &reference)?;
+            common::assert_close(&out, &want, common::tol(dtype), &format!("{what} forward"))?;
+            for (n, (g, w)) in grads.iter().zip(&want_grads).enumerate() {
+                assert_eq!(g.dtype(), dtype, "{what}: grad {n} dtype");
+                common::assert_close(g, w, grad_tol(dtype), &format!("{what} grad of input {n}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+test_device!(
+    attention_tensor_core_shapes_on,
+    attention_tensor_core_shapes_match_reference_cpu,
+    attention_tensor_core_shapes_match_reference_cuda
+);
+
+/// Microseconds per call of the fused attention on CUDA, bf16, b 4, hq 14, hkv 2 (Qwen2.5-0.5B's
+/// heads): the forward alone, and forward + backward through autograd as `(o * r).backward()`
+/// (so the output gradient is the random `r`). That adds an elementwise product, its backward and
+/// a ones-fill, timed alone on a variable of o's shape and printed as `harness`; the op's own
+/// fwd+bwd is about the difference. (A `sum_all` loss would be no good here: Candle reduces to
+/// one element with one block.) Warm-up, then many calls between two device synchronisations.
+/// `LORAFUSE_ATTENTION_KERNEL=simple` times the warp-per-row kernels.
+/// Run: `ops attention_timing --ignored --nocapture`.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "timing on a GPU, run by hand"]
+fn attention_timing_cuda() -> Result<()> {
+    use candle_core::Var;
+    use std::time::Instant;
+    let Some(dev) = common::devices().into_iter().find(|d| d.is_cuda()) else {
+        eprintln!("no CUDA device: skipping attention_timing_cuda");
+        return Ok(());
+    };
+    let kernel = std::env::var("LORAFUSE_ATTENTION_KERNEL").unwrap_or_else(|_| "default".into());
+    for &(t, d) in &[(512usize, 64usize), (2048, 64), (2048, 128)] {
+        let (b, hq, hkv) = (4, 14, 2);
+        let ins = inputs_q_scaled((b, hq, hkv, t, t, d), 900, 1.0)?
+            .iter()
+            .map(|x| x.to_dtype(DType::BF16)?.to_device(&dev))
+            .collect::<Result<Vec<_>>>()?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let r = rand_tensor(&[b, hq, t, d], 1.0, 901, DType::BF16, &dev)?;
+        let iters = if t <= 512 { 200 } else { 50 };
+        let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            for _ in 0..5 {
+                f()?;
+            }
+            dev.synchronize()?;
+            let start = Instant::now();
+            for _ in 0..iters {
+                f()?;
+            }
+            dev.synchronize()?;
+            Ok(start.elapsed().as_secs_f64() * 1e6 / iters as f64)
+        };
+        let fwd = time(&|| causal_attention_fused(&ins[0], &ins[1], &ins[2], scale).map(drop))?;
+        let vars = ins
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<Result<Vec<_>>>()?;
+        let fwd_bwd = time(&|| {
+            let (q, k, v) = (
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+            );
+            (causal_attention_fused(q, k, v, scale)? * &r)?
+                .backward()
+                .map(drop)
+        })?;
+        let o_like = Var::from_tensor(&r)?;
+        let harness = time(&|| (o_like.as_tensor() * &r)?.backward().map(drop))?;
+        println!(
+            "attention bf16 b{b} hq{hq} hkv{hkv} d{d} T={t} kernel={kernel}: fwd {fwd:.1} us, \
+             fwd+bwd {fwd_bwd:.1} us (harness {harness:.1} us)"
+        );
+    }
+    Ok(())
+}
 
 #[test]
 fn attention_bwd_matches_finite_differences() -> Result<()> {

@@ -180,6 +180,29 @@ impl Embedder {
         &mut self.model
     }
 
+    /// Loads a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`, as
+    /// `PeftModel.save_pretrained` writes it for the encoder, keys
+    /// `base_model.model.encoder.layer.N....lora_{A,B}.weight`) as adapter `name`. Its matrices
+    /// stay in f32 whatever the model's dtype, as PEFT keeps them. The first adapter loaded becomes
+    /// active; later ones load inactive, as in PEFT (choose with
+    /// [`Embedder::set_active_adapters`]). A key naming a module the encoder lacks, or a matrix
+    /// of the wrong shape, is an error naming the key and the file. Returns the wrapped module
+    /// paths.
+    pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<Vec<String>> {
+        crate::lora::load_peft(&mut self.model, dir, name, DType::F32)
+    }
+
+    /// Activates the named adapters together, each with a weight on its delta (see
+    /// [`crate::lora::set_active_adapters`]).
+    pub fn set_active_adapters(&mut self, active: &[(&str, f64)]) -> Result<()> {
+        crate::lora::set_active_adapters(&mut self.model, active)
+    }
+
+    /// Turns every adapter off: embeddings are the base model's again.
+    pub fn disable_adapters(&mut self) -> Result<()> {
+        crate::lora::disable_adapters(&mut self.model)
+    }
+
     /// Token ids of each text, prefixed, lowercased if the folder says so, truncated.
     pub fn tokenize<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<u32>>> {
         let prefix = self.options.prefix.as_deref().unwrap_or("");

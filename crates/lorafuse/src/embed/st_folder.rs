@@ -143,7 +143,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Loads the BERT encoder from `dir` (`config.json` + safetensors), on `device` in `dtype`.
 /// Checkpoint names with a `bert.` prefix (saved from `BertFor*` heads) and without it (plain
-/// `BertModel`) both load; the pooler and any head are ignored.
+/// `BertModel`) both load; any head is ignored, and the pooler is kept only as a slot for adapters.
 pub fn load_bert(dir: &Path, device: &Device, dtype: DType) -> Result<BertModel> {
     let cfg = BertConfig::from_json_file(&dir.join("config.json"))?;
     let files = weight_files(dir)?;

@@ -124,9 +124,10 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 /// Splits `base_model.model.<path>.lora_{A,B}.weight` into `(path, is_a)`.
 fn parse_key(key: &str, file: &PathBuf) -> Result<(String, bool)> {
     let bad = |msg: &str| Err(Error::key(file, key, msg));
-    let Some(rest) = key.strip_prefix(KEY_PREFIX) else {
-        return bad("expected keys to start with `base_model.model.`");
-    };
+    // `PeftModel.save_pretrained` prefixes every key with `base_model.model.`; transformers'
+    // own adapter support (`model.add_adapter(...)`, as sentence-transformers uses it) saves the
+    // bare module paths. Both name the same modules.
+    let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
     if let Some(p) = rest.strip_suffix(".lora_A.weight") {
         return Ok((p.to_owned(), true));
     }
@@ -214,7 +215,16 @@ pub fn load_peft<M: HasLinears + ?Sized>(
             .module_lora(path)
             .map_err(|e| Error::format(&cfg_path, e.to_string()))?;
         let mut take = |suffix: &str, expected: [usize; 2]| -> Result<Tensor> {
-            let key = format!("{KEY_PREFIX}{path}.{suffix}.weight");
+            // The key as the file spells it (with or without the prefix); PEFT's spelling for
+            // the error when it is missing.
+            let recorded = by_module.get(path).and_then(|(a, b)| {
+                if suffix == "lora_A" {
+                    a.clone()
+                } else {
+                    b.clone()
+                }
+            });
+            let key = recorded.unwrap_or_else(|| format!("{KEY_PREFIX}{path}.{suffix}.weight"));
             let t = tensors.remove(&key).ok_or_else(|| {
                 Error::key(&file, &key, "missing (the config targets this module)")
             })?;

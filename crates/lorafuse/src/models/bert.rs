@@ -282,12 +282,15 @@ impl BertLayer {
     }
 }
 
-/// The BERT encoder: token ids in, last hidden states out (no pooler: sentence-transformers
-/// pools the token states itself).
+/// The BERT encoder: token ids in, last hidden states out. Sentence-transformers pools the token
+/// states itself, so the pooler never runs here; its projection is still kept as the slot
+/// `pooler.dense`, because PEFT's suffix matching makes a `dense` target wrap it and adapters
+/// saved from a `BertModel` carry its `lora_A`/`lora_B`.
 #[derive(Debug)]
 pub struct BertModel {
     embeddings: BertEmbeddings,
     layers: Vec<BertLayer>,
+    pooler: LinearSlot,
     cfg: BertConfig,
     dtype: DType,
     device: Device,
@@ -301,9 +304,21 @@ impl BertModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| BertLayer::load(&vb.pp(format!("encoder.layer.{i}")), cfg))
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let h = cfg.hidden_size;
+        // transformers' `BertModel` has a pooler even when the checkpoint lacks its weights (it
+        // initialises them randomly), so PEFT may have attached an adapter to it. It never runs
+        // here: zeros stand in for weights the checkpoint does not have.
+        let pooler = if vb.contains_tensor("pooler.dense.weight") {
+            Linear::load(&vb.pp("pooler.dense"), h, h, true)?
+        } else {
+            let zeros = |shape: &[usize]| Tensor::zeros(shape, vb.dtype(), vb.device());
+            Linear::new(zeros(&[h, h])?, Some(zeros(&[h])?))
+        }
+        .into_slot();
         Ok(Self {
             embeddings,
             layers,
+            pooler,
             cfg: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -364,10 +379,11 @@ impl BertModel {
         add.to_dtype(self.dtype)?.reshape((b, 1, 1, t))
     }
 
-    /// Every projection with its checkpoint path (`encoder.layer.0.attention.self.query`, ...),
-    /// for adapters to wrap.
+    /// Every projection with its checkpoint path (`encoder.layer.0.attention.self.query`, ...,
+    /// then `pooler.dense`, which never runs: see [`BertModel`]), in the order of transformers'
+    /// `named_modules`, for adapters to wrap.
     pub fn named_linears_mut(&mut self) -> Vec<(String, &mut LinearSlot)> {
-        let mut out = Vec::with_capacity(self.layers.len() * 6);
+        let mut out = Vec::with_capacity(self.layers.len() * 6 + 1);
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("encoder.layer.{i}");
             out.push((format!("{p}.attention.self.query"), &mut l.query));
@@ -377,7 +393,37 @@ impl BertModel {
             out.push((format!("{p}.intermediate.dense"), &mut l.intermediate));
             out.push((format!("{p}.output.dense"), &mut l.output));
         }
+        out.push(("pooler.dense".to_owned(), &mut self.pooler));
         out
+    }
+
+    /// Every projection with its checkpoint path, as [`BertModel::named_linears_mut`] lists them.
+    pub fn named_linears(&self) -> Vec<(String, &LinearSlot)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 6 + 1);
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("encoder.layer.{i}");
+            out.push((format!("{p}.attention.self.query"), &l.query));
+            out.push((format!("{p}.attention.self.key"), &l.key));
+            out.push((format!("{p}.attention.self.value"), &l.value));
+            out.push((format!("{p}.attention.output.dense"), &l.attn_out));
+            out.push((format!("{p}.intermediate.dense"), &l.intermediate));
+            out.push((format!("{p}.output.dense"), &l.output));
+        }
+        out.push(("pooler.dense".to_owned(), &self.pooler));
+        out
+    }
+}
+
+impl crate::lora::HasLinears for BertModel {
+    fn named_linears_mut(&mut self) -> Vec<(String, &mut LinearSlot)> {
+        BertModel::named_linears_mut(self)
+    }
+    fn named_linears(&self) -> Vec<(String, &LinearSlot)> {
+        BertModel::named_linears(self)
+    }
+    /// PEFT's default for `bert` (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+    fn default_lora_targets(&self) -> Vec<String> {
+        vec!["query".to_owned(), "value".to_owned()]
     }
 }
 
