@@ -364,6 +364,16 @@ impl LinearLayer for LoraLinear {
                     a.scale * weight,
                 );
             }
+            // f32 master weights under a half-precision model on a GPU: cast the (small) factors
+            // to the activations' dtype instead of the (large) activations to f32. The GEMMs
+            // still accumulate in f32; the cast's backward hands f32 gradients to the `Var`s.
+            // This avoids an f32 copy of every adapter input kept for the backward, the f32
+            // delta and its cast back, and f32 gradient copies of the same size.
+            if !dropping(a) && half_on_gpu(x, a) {
+                let la = a.a.as_tensor().to_dtype(x.dtype())?;
+                let lb = a.b.as_tensor().to_dtype(x.dtype())?;
+                return lorafuse_ops::lora_linear(x, w, bias, &la, &lb, a.scale * weight);
+            }
         }
         let mut y = lorafuse_ops::frozen_linear(x, w, bias)?;
         for (i, (a, weight)) in live.iter().enumerate() {
@@ -391,6 +401,15 @@ impl LinearLayer for LoraLinear {
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
+}
+
+/// True for a bf16/f16 input on a GPU with an f32 adapter: the case where the adapter's factors
+/// are cast down rather than the input up. The CPU keeps PEFT's f32 LoRA path.
+fn half_on_gpu(x: &Tensor, a: &LoraAdapter) -> bool {
+    !x.device().is_cpu()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && a.a.dtype() == DType::F32
+        && a.b.dtype() == DType::F32
 }
 
 /// The init seed of adapter `name` on module `path`: independent of module visiting order.

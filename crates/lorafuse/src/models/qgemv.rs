@@ -14,8 +14,8 @@
 //! shift and two masks; `k` must therefore be a multiple of 64. q8 codes are `q + 128` and are
 //! flipped back to signed with one xor.
 //!
-//! Kernels: AVX2 on x86-64 (detected at run time; the build targets baseline x86-64), else a scalar
-//! loop with the same integer arithmetic, which is also the tests' oracle.
+//! Kernels: AVX-512 VNNI or AVX2 on x86-64 (detected at run time; the build targets baseline
+//! x86-64), else a scalar loop with the same integer arithmetic, which is also the tests' oracle.
 
 use std::ops::Range;
 
@@ -192,16 +192,22 @@ impl QMatrix {
     /// `dst[r * outs.len() + i] = dot(W[outs.start + i], x[r])` for every activation row `r`.
     /// `simd: false` forces the scalar loop (tests).
     pub fn gemv(&self, x: &QActs, outs: Range<usize>, dst: &mut [f32], simd: bool) {
+        let level = if simd { Simd::best() } else { Simd::Scalar };
+        self.gemv_with(x, outs, dst, level);
+    }
+
+    /// [`QMatrix::gemv`] with the given instruction set (one the CPU has: see [`Simd::best`]).
+    fn gemv_with(&self, x: &QActs, outs: Range<usize>, dst: &mut [f32], level: Simd) {
         let (k, rows, n) = (x.k, x.rows(), outs.len());
         assert!(k % K_MULTIPLE == 0 && dst.len() >= rows * n);
         assert!(outs.end * k / BLOCK <= self.scales().len());
         #[cfg(target_arch = "x86_64")]
-        if simd && avx2::available() {
-            // SAFETY: AVX2 was detected at run time; the asserts above bound every access.
-            unsafe { avx2::gemv(self, x, outs, dst) };
+        if level != Simd::Scalar {
+            // SAFETY: `level` is at most what `Simd::best` detected at run time (AVX2 + FMA, and
+            // AVX-512 VNNI + VL for `Vnni`); the asserts above bound every access.
+            unsafe { avx2::gemv(self, x, outs, dst, level == Simd::Vnni) };
             return;
         }
-        let _ = simd;
         let kb = k / BLOCK;
         let (d, m) = (self.scales(), self.minimums());
         for (i, o) in outs.enumerate() {
@@ -222,6 +228,34 @@ impl QMatrix {
     }
 }
 
+/// The instruction sets the products can use, slowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Simd {
+    Scalar,
+    /// AVX2 + FMA: `maddubs` + `madd` per 32 code bytes.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
+    /// AVX-512 VNNI on 256-bit vectors: one `vpdpbusd` does what `maddubs` + `madd` did.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Vnni,
+}
+
+impl Simd {
+    /// The best set this CPU has (detected at run time: the build targets baseline x86-64).
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2::vnni_available() {
+                return Simd::Vnni;
+            }
+            if avx2::available() {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Scalar
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{QActs, QMatrix, BLOCK};
@@ -230,6 +264,12 @@ mod avx2 {
 
     pub fn available() -> bool {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    pub fn vnni_available() -> bool {
+        available()
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
     }
 
     #[inline]
@@ -305,6 +345,66 @@ mod avx2 {
         hsum(_mm256_add_ps(acc[0], acc[1]))
     }
 
+    /// [`row_q8`] with `vpdpbusd`: the stored codes `q + 128` are already unsigned, and the
+    /// `128 * sum(x)` they add per block comes off in lane 0.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    unsafe fn row_q8_vnni(
+        w: *const u8,
+        wd: *const f32,
+        x: *const i8,
+        (xd, sum): (*const f32, *const i32),
+        kb: usize,
+    ) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for b in 0..kb {
+            // SAFETY (all loads): the caller passes pointers to `kb` whole blocks, scales, sums.
+            let wv = _mm256_loadu_si256(w.add(b * BLOCK) as *const __m256i);
+            let xv = _mm256_loadu_si256(x.add(b * BLOCK) as *const __m256i);
+            let fix = _mm256_setr_epi32(-128 * *sum.add(b), 0, 0, 0, 0, 0, 0, 0);
+            let lanes = _mm256_dpbusd_epi32(fix, wv, xv);
+            acc[b & 1] = scaled(acc[b & 1], lanes, *wd.add(b) * *xd.add(b));
+        }
+        hsum(_mm256_add_ps(acc[0], acc[1]))
+    }
+
+    /// [`row_q4`] with `vpdpbusd`; the q4_0 offset (`off != 0`) seeds lane 0.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    unsafe fn row_q4_vnni(
+        w: *const u8,
+        wd: *const f32,
+        x: *const i8,
+        xd: *const f32,
+        (sum, off): (*const i32, i32),
+        kb: usize,
+    ) -> f32 {
+        let low = _mm256_set1_epi8(15);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for p in 0..kb / 2 {
+            let b = 2 * p;
+            // SAFETY (all loads): the caller passes pointers to `kb` whole blocks and scales.
+            let packed = _mm256_loadu_si256(w.add(p * BLOCK) as *const __m256i);
+            let w0 = _mm256_and_si256(packed, low);
+            let w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+            let x0 = _mm256_loadu_si256(x.add(b * BLOCK) as *const __m256i);
+            let x1 = _mm256_loadu_si256(x.add((b + 1) * BLOCK) as *const __m256i);
+            let (s0, s1) = if off == 0 {
+                (_mm256_setzero_si256(), _mm256_setzero_si256())
+            } else {
+                (
+                    _mm256_setr_epi32(off * *sum.add(b), 0, 0, 0, 0, 0, 0, 0),
+                    _mm256_setr_epi32(off * *sum.add(b + 1), 0, 0, 0, 0, 0, 0, 0),
+                )
+            };
+            let l0 = _mm256_dpbusd_epi32(s0, w0, x0);
+            let l1 = _mm256_dpbusd_epi32(s1, w1, x1);
+            acc[0] = scaled(acc[0], l0, *wd.add(b) * *xd.add(b));
+            acc[1] = scaled(acc[1], l1, *wd.add(b + 1) * *xd.add(b + 1));
+        }
+        hsum(_mm256_add_ps(acc[0], acc[1]))
+    }
+
     /// `sum(a * b)`, 8 lanes at a time: q4_1's minimums against `d_x * sum(x_q)`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -355,10 +455,11 @@ mod avx2 {
     /// See [`QMatrix::gemv`].
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; `k` must be a multiple of 64, `dst` hold
-    /// `rows * outs.len()` values and the matrix at least `outs.end` rows (asserted by the caller).
+    /// The CPU must support AVX2 and FMA (and AVX-512 VNNI + VL when `vnni`); `k` must be a
+    /// multiple of 64, `dst` hold `rows * outs.len()` values and the matrix at least `outs.end`
+    /// rows (asserted by the caller).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gemv(m: &QMatrix, x: &QActs, outs: Range<usize>, dst: &mut [f32]) {
+    pub unsafe fn gemv(m: &QMatrix, x: &QActs, outs: Range<usize>, dst: &mut [f32], vnni: bool) {
         let (k, rows, n) = (x.k, x.rows(), outs.len());
         let kb = k / BLOCK;
         let end = outs.end;
@@ -368,13 +469,23 @@ mod avx2 {
                 let (xq, xd) = (x.q.as_ptr().add(r * k), x.d.as_ptr().add(r * kb));
                 dst[r * n + i] = match m {
                     QMatrix::Q8 { q, d } => {
-                        row_q8(q.as_ptr().add(o * k), d.as_ptr().add(o * kb), xq, xd, kb)
+                        let (wq, wd) = (q.as_ptr().add(o * k), d.as_ptr().add(o * kb));
+                        if vnni {
+                            let sum = x.sum.as_ptr().add(r * kb);
+                            row_q8_vnni(wq, wd, xq, (xd, sum), kb)
+                        } else {
+                            row_q8(wq, wd, xq, xd, kb)
+                        }
                     }
                     QMatrix::Q4 { q, d, m } => {
                         let sum = x.sum.as_ptr().add(r * kb);
                         let off = if m.is_some() { 0 } else { -8 };
                         let (wq, wd) = (q.as_ptr().add(o * k / 2), d.as_ptr().add(o * kb));
-                        let mut y = row_q4(wq, wd, xq, xd, (sum, off), kb);
+                        let mut y = if vnni {
+                            row_q4_vnni(wq, wd, xq, xd, (sum, off), kb)
+                        } else {
+                            row_q4(wq, wd, xq, xd, (sum, off), kb)
+                        };
                         if let Some(m) = m {
                             y += dot_f32(&m[o * kb..(o + 1) * kb], &x.dsum[r * kb..][..kb]);
                         }
@@ -407,11 +518,20 @@ mod tests {
         let x = QActs::new(&data(rows * k, 2), k);
         for m in [QMatrix::q8(&w), QMatrix::q4_0(&w), QMatrix::q4_1(&w)] {
             let mut a = vec![0f32; rows * 30];
-            let mut b = vec![0f32; rows * 30];
             m.gemv(&x, 5..35, &mut a, false);
-            m.gemv(&x, 5..35, &mut b, true);
-            for (u, v) in a.iter().zip(&b) {
-                assert!((u - v).abs() <= 1e-5 * (1.0 + u.abs()), "{u} vs {v}");
+            // Every instruction set this CPU has, not only the best one.
+            for level in [Simd::Avx2, Simd::Vnni] {
+                if level > Simd::best() {
+                    continue;
+                }
+                let mut b = vec![0f32; rows * 30];
+                m.gemv_with(&x, 5..35, &mut b, level);
+                for (u, v) in a.iter().zip(&b) {
+                    assert!(
+                        (u - v).abs() <= 1e-5 * (1.0 + u.abs()),
+                        "{level:?}: {u} vs {v}"
+                    );
+                }
             }
         }
     }
