@@ -40,6 +40,16 @@ pub(super) trait EngineStorage: BackendStorage + Sized {
         rows: usize,
         n: usize,
     ) -> Result<Self>;
+    /// `x R0` for the frozen weight (`R0`'s layout `rl`); backends may take a faster route.
+    fn base_matmul(
+        &self,
+        w: &Self,
+        dims: (usize, usize, usize, usize),
+        xl: &Layout,
+        rl: &Layout,
+    ) -> Result<Self> {
+        self.matmul(w, dims, xl, rl)
+    }
     /// `y = x R0 + bias + s P R2` as the plan says (backends may fuse more than the default).
     fn fwd(plan: &Plan, x: &Self, xl: &Layout, lr: Option<LowRank<Self>>) -> Result<(Self, Shape)> {
         fwd_generic(plan, x, xl, lr)
@@ -124,7 +134,7 @@ pub(super) fn fwd_generic<S: EngineStorage>(
                 ));
             }
             n = Some(wn);
-            Some(x.matmul(S::pick(ws)?, (1, rows, wn, k), xl, &rl)?)
+            Some(x.base_matmul(S::pick(ws)?, (1, rows, wn, k), xl, &rl)?)
         }
         None => None,
     };
@@ -242,6 +252,31 @@ impl EngineStorage for CpuStorage {
 
     fn wrap(self) -> Storage {
         Storage::Cpu(self)
+    }
+
+    fn base_matmul(
+        &self,
+        w: &Self,
+        dims: (usize, usize, usize, usize),
+        xl: &Layout,
+        rl: &Layout,
+    ) -> Result<Self> {
+        let (_, rows, n, k) = dims;
+        // Few rows of f32 against `W^T` read from a row-major `[n, k]` W: unpacked dot products.
+        if let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (self, w) {
+            let x_rows = xl.is_contiguous() && xl.dims() == [rows, k];
+            let w_rows = rl.dims() == [k, n] && rl.stride() == [1, k];
+            let x = xs.get(xl.start_offset()..xl.start_offset() + rows * k);
+            let w = ws.get(rl.start_offset()..rl.start_offset() + n * k);
+            if let (true, true, true, Some(x), Some(w)) =
+                (rows <= super::cpu_small::MAX_ROWS, x_rows, w_rows, x, w)
+            {
+                return Ok(CpuStorage::F32(super::cpu_small::matmul_wt(
+                    x, w, rows, n, k,
+                )));
+            }
+        }
+        self.matmul(w, dims, xl, rl)
     }
 
     fn epilogue(

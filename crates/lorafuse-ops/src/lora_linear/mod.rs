@@ -12,6 +12,7 @@
 //! Dispatch: the fused op for f32/f64/bf16/f16 (CUDA: f32/bf16/f16) when all operands share the
 //! input's dtype and device; otherwise (or under `LORAFUSE_KERNELS=reference`) the reference.
 
+mod cpu_small;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod engine;
