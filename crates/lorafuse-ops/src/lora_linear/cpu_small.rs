@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 /// Up to this many rows take this path; past it the packed GEMM amortises its packing.
-pub(super) const MAX_ROWS: usize = 48;
+pub(super) const MAX_ROWS: usize = 128;
 
 /// Output features per task.
 const CHUNK: usize = 32;
