@@ -22,6 +22,7 @@ mod cpu_util;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda_util;
+mod device_setup;
 mod dispatch;
 mod error;
 pub mod layer_norm;
@@ -35,7 +36,8 @@ pub mod swiglu;
 
 pub use adamw::{adamw_step, AdamWParams};
 pub use attention::causal_attention;
-pub use cross_entropy::{cross_entropy, Reduction};
+pub use cross_entropy::{cross_entropy, linear_cross_entropy_sum, Reduction};
+pub use device_setup::{configure_device, peak_allocated_bytes};
 pub use dispatch::{kernel_mode, set_kernel_mode, KernelMode};
 pub use error::OpError;
 pub use layer_norm::layer_norm;

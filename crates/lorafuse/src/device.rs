@@ -16,7 +16,11 @@ pub fn parse_device(spec: Option<&str>) -> Result<Device> {
                     .map_err(|_| Error::Invalid(format!("--device {s}: expected cuda:N")))?,
                 None => 0,
             };
-            Device::new_cuda(ordinal).map_err(|e| Error::Invalid(format!("--device {s}: {e}")))
+            let dev = Device::new_cuda(ordinal)
+                .map_err(|e| Error::Invalid(format!("--device {s}: {e}")))?;
+            // The settings only speed things up: a device that refuses them still works.
+            let _ = lorafuse_ops::configure_device(&dev);
+            Ok(dev)
         }
         other => Err(Error::Invalid(format!(
             "--device {other}: expected cpu, cuda, cuda:N, metal or auto"
@@ -28,6 +32,8 @@ pub fn parse_device(spec: Option<&str>) -> Result<Device> {
 pub fn best_device() -> Device {
     if candle_core::utils::cuda_is_available() {
         if let Ok(d) = Device::new_cuda(0) {
+            // The settings only speed things up: a device that refuses them still works.
+            let _ = lorafuse_ops::configure_device(&d);
             return d;
         }
     }

@@ -570,6 +570,8 @@ fn bench_train(args: &TrainArgs) -> anyhow::Result<()> {
         "tokens_per_s": (n * args.steps) as f64 / dt,
         "step_ms": dt * 1e3 / args.steps as f64,
         "mem_used_gib": peak as f64 / (1u64 << 30) as f64,
+        // torch.cuda.max_memory_allocated's measure (the peers' peak_gib), where the backend has it
+        "peak_alloc_gib": lorafuse_ops::peak_allocated_bytes(&dev).map(|b| b as f64 / (1u64 << 30) as f64),
         "loss": loss,
     });
     println!("{result}");

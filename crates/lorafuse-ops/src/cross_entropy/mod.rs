@@ -416,3 +416,139 @@ impl CustomOp3 for CrossEntropyBwd {
         Ok((d, ll.shape().clone()))
     }
 }
+
+/// Summed cross-entropy of the logits `h W^T` (`h` `[n, hidden]`, `W` `[vocab, hidden]` frozen)
+/// against `targets`, as [`cross_entropy`] with [`Reduction::Sum`] over
+/// [`crate::frozen_linear`]'s output, with gradient for `h` only.
+///
+/// On CUDA the full `[n, vocab]` logits never exist: rows go through the LM head in chunks of
+/// about `chunk_bytes` of logits, and each chunk's input gradient `(softmax - onehot) W` is
+/// formed right away (the loss is a sum, so its gradient needs only the final scalar factor,
+/// applied in the backward). Only `[n, hidden]` survives the forward, instead of the logits,
+/// their gradient and Candle's accumulation buffer for it (three logits-sized buffers). When `h`
+/// tracks no gradient, the input gradient is skipped. Elsewhere (and in reference mode) this is
+/// the two ops composed.
+pub fn linear_cross_entropy_sum(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+    chunk_bytes: usize,
+) -> Result<Tensor> {
+    let (n, hidden) = h.dims2()?;
+    let (vocab, wh) = w.dims2()?;
+    if wh != hidden || targets.dims() != [n] {
+        return Err(shape_err(
+            OP,
+            format!(
+                "h {:?}, W {:?}, targets {:?}",
+                h.dims(),
+                w.dims(),
+                targets.dims()
+            ),
+        ));
+    }
+    let chunked = matches!(h.device(), Device::Cuda(_))
+        && fused_enabled()
+        && n > 0
+        && vocab > 0
+        && w.dtype() == h.dtype()
+        && w.device().same_device(h.device())
+        && supported(h, targets, ignore_index);
+    if !chunked {
+        let logits = crate::frozen_linear(h, w, None)?;
+        return cross_entropy(&logits, targets, ignore_index, Reduction::Sum);
+    }
+    let elem = h.dtype().size_in_bytes();
+    let chunk = (chunk_bytes / (vocab * elem)).clamp(1, n);
+    let want_dx = h.track_op();
+    let hd = h.detach().contiguous()?;
+    let wd = w.detach().contiguous()?;
+    let targets = targets.to_dtype(DType::I64)?.contiguous()?;
+    let one = Tensor::ones(1, DType::F32, h.device())?;
+    let mut loss: Option<Tensor> = None;
+    let mut dx = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let hc = hd.narrow(0, start, len)?;
+        let tc = targets.narrow(0, start, len)?;
+        let logits = crate::lora_linear::frozen_linear_fused(&hc, &wd, None)?;
+        let op = CrossEntropyOp {
+            ignore_index,
+            reduction: Reduction::Sum,
+            saved: Mutex::new(None),
+        };
+        let lc = logits.apply_op2_no_bwd(&tc, &op)?;
+        loss = Some(match loss {
+            Some(l) => (l + lc)?,
+            None => lc,
+        });
+        if want_dx {
+            let saved = op.saved.lock().ok().and_then(|s| s.clone());
+            let saved = saved.ok_or_else(|| shape_err(OP, "forward statistics missing"))?;
+            let bwd = CrossEntropyBwd {
+                saved,
+                ignore_index,
+                reduction: Reduction::Sum,
+            };
+            let dlogits = logits.apply_op3_no_bwd(&tc, &one, &bwd)?;
+            drop(logits);
+            dx.push(crate::lora_linear::frozen_linear_input_grad(&dlogits, &wd)?);
+        }
+        start += len;
+    }
+    let loss = loss.ok_or_else(|| shape_err(OP, "no rows"))?;
+    if !want_dx {
+        return Ok(loss);
+    }
+    let dx = Tensor::cat(&dx, 0)?;
+    h.apply_op1(AttachLoss { loss, dx })
+}
+
+/// Puts a loss computed off the graph back on it: the forward returns `loss` (whatever its
+/// input), the backward `dx * g`.
+struct AttachLoss {
+    loss: Tensor,
+    dx: Tensor,
+}
+
+impl AttachLoss {
+    fn loss_storage(&self) -> Result<(Storage, Shape)> {
+        let (s, l) = self.loss.storage_and_layout();
+        Ok((s.try_clone(l)?, l.shape().clone()))
+    }
+}
+
+impl candle_core::CustomOp1 for AttachLoss {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        match self.loss_storage()? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => Err(shape_err(OP, "loss is not on the CPU")),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        match self.loss_storage()? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => Err(shape_err(OP, "loss is not on the GPU")),
+        }
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if !h.track_op() {
+            return Ok(None);
+        }
+        let g = g.to_dtype(self.dx.dtype())?.reshape(())?;
+        Ok(Some(self.dx.broadcast_mul(&g)?))
+    }
+}

@@ -53,6 +53,16 @@ pub fn frozen_linear_fused(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Res
     p.finish(p.x.apply_op1(op)?)
 }
 
+/// `g W` for `W` `[out, in]`: the input gradient of `x W^T` (no autograd), fused engine only.
+pub(crate) fn frozen_linear_input_grad(g: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let op = FrozenLinear {
+        w: Some(w.detach()),
+        bias: None,
+        transpose_w: false,
+    };
+    g.contiguous()?.apply_op1_no_bwd(&op)
+}
+
 /// The low-rank delta alone: `scale * (x A^T) B^T`, with `A` `[r, in]` and `B` `[out, r]`.
 /// Used when dropout feeds the LoRA path a different input than the base path.
 pub fn lora_delta(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
@@ -78,6 +88,15 @@ pub fn lora_linear(
     b: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    if a.dtype() != x.dtype() || b.dtype() != x.dtype() {
+        // f32 factors under a half-precision model: the CUDA op casts them itself (no graph
+        // nodes for the casts, f32 gradients straight out); elsewhere the casts are ops.
+        if mixed_supported(x, w, bias, a, b) {
+            return lora_linear_fused(x, w, bias, a, b, scale);
+        }
+        let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
+        return lora_linear(x, w, bias, &a, &b, scale);
+    }
     if use_fused(x, Some(w), bias, Some((a, b))) {
         lora_linear_fused(x, w, bias, a, b, scale)
     } else {
@@ -86,7 +105,8 @@ pub fn lora_linear(
     }
 }
 
-/// The fused [`lora_linear`], whatever the kernel mode.
+/// The fused [`lora_linear`], whatever the kernel mode. `A` and `B` may be f32 under a bf16/f16
+/// `x` on CUDA: the op then computes with copies cast to `x`'s dtype and returns f32 gradients.
 pub fn lora_linear_fused(
     x: &Tensor,
     w: &Tensor,
@@ -96,8 +116,28 @@ pub fn lora_linear_fused(
     scale: f64,
 ) -> Result<Tensor> {
     let p = Prepared::new(x, Some(w), bias, Some((a, b)))?;
-    let op = LoraOp::new(p.w.clone(), p.bias.clone(), scale);
+    let mut op = LoraOp::new(p.w.clone(), p.bias.clone(), scale);
+    let dt = p.x.dtype();
+    if p.a.dtype() != dt || p.b.dtype() != dt {
+        op.cast = Some((p.a.detach().to_dtype(dt)?, p.b.detach().to_dtype(dt)?));
+    }
     p.finish(p.x.apply_op3(&p.a, &p.b, op)?)
+}
+
+/// True when the fused CUDA op takes these operands with f32 `A`, `B` under a bf16/f16 `x`.
+fn mixed_supported(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor) -> bool {
+    let dev = x.device();
+    let half = matches!(x.dtype(), DType::BF16 | DType::F16);
+    let factors_f32 = a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    let factors_here = a.device().same_device(dev) && b.device().same_device(dev);
+    cfg!(feature = "cuda")
+        && matches!(dev, Device::Cuda(_))
+        && x.rank() > 0
+        && fused_enabled()
+        && half
+        && factors_f32
+        && factors_here
+        && supported(x, Some(w), bias, None)
 }
 
 /// True when the fused op covers these operands (and the kernel mode allows it).
@@ -178,8 +218,16 @@ impl Prepared {
             // lora_delta/lora_linear only: frozen_linear never reads them
             None => (x.clone(), x.clone()),
         };
+        // A reshape is a node of the autograd graph even when it changes nothing, and Candle's
+        // backward pays a zero-filled buffer and an add for every node: skip the no-op ones.
+        let x = x.contiguous()?;
+        let x = if x.rank() == 2 {
+            x
+        } else {
+            x.reshape((rows, in_dim))?
+        };
         Ok(Self {
-            x: x.contiguous()?.reshape((rows, in_dim))?,
+            x,
             w: w.map(detached).transpose()?,
             bias: bias.map(detached).transpose()?,
             a,
@@ -189,7 +237,11 @@ impl Prepared {
     }
 
     fn finish(&self, y: Tensor) -> Result<Tensor> {
-        y.reshape(self.out_shape.as_slice())
+        if y.dims() == self.out_shape.as_slice() {
+            Ok(y)
+        } else {
+            y.reshape(self.out_shape.as_slice())
+        }
     }
 }
 
@@ -278,6 +330,9 @@ struct LoraOp {
     scale: f64,
     /// `P = x A^T` from the forward (`rows x r`), for `dB = s g^T P`.
     saved_p: Mutex<Option<Tensor>>,
+    /// `A` and `B` cast to `x`'s dtype when the op's own `A`, `B` are f32 (see
+    /// [`lora_linear_fused`]): the forward and backward compute with these.
+    cast: Option<(Tensor, Tensor)>,
 }
 
 impl LoraOp {
@@ -287,6 +342,7 @@ impl LoraOp {
             bias,
             scale,
             saved_p: Mutex::new(None),
+            cast: None,
         }
     }
 
@@ -304,7 +360,14 @@ impl LoraOp {
         a: (&S, &Layout),
         b: (&S, &Layout),
     ) -> Result<(S, Shape)> {
-        let (y, shape, p) = engine::lora_fwd(&self.plan(), x, a, b)?;
+        let (y, shape, p) = match &self.cast {
+            Some((ca, cb)) => {
+                let (sa, la) = ca.storage_and_layout();
+                let (sb, lb) = cb.storage_and_layout();
+                engine::lora_fwd(&self.plan(), x, (S::pick(&sa)?, la), (S::pick(&sb)?, lb))?
+            }
+            None => engine::lora_fwd(&self.plan(), x, a, b)?,
+        };
         if let Ok(mut slot) = self.saved_p.lock() {
             *slot = Some(p);
         }
@@ -363,7 +426,11 @@ impl CustomOp3 for LoraOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (xd, ad, bd, g) = (x.detach(), a.detach(), b.detach(), g.contiguous()?);
+        let (ad, bd) = match &self.cast {
+            Some((ca, cb)) => (ca.clone(), cb.clone()),
+            None => (a.detach(), b.detach()),
+        };
+        let (xd, g) = (x.detach(), g.contiguous()?);
         let saved = self.saved_p.lock().ok().and_then(|p| p.clone());
         let p = match saved {
             Some(p) => p,
@@ -378,12 +445,13 @@ impl CustomOp3 for LoraOp {
         } else {
             Some(gbs.matmul(&ad)?)
         };
+        // (cast back to the factors' own dtype: f32 when the op computed with cast copies)
         let da = match a.track_op() {
-            true => Some(gbs.t()?.matmul(&xd)?),
+            true => Some(gbs.t()?.matmul(&xd)?.to_dtype(a.dtype())?),
             false => None,
         };
         let db = match b.track_op() {
-            true => Some(g.t()?.matmul(&(&p * self.scale)?)?),
+            true => Some(g.t()?.matmul(&(&p * self.scale)?)?.to_dtype(b.dtype())?),
             false => None,
         };
         Ok((dx, da, db))

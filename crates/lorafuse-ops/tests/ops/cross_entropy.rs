@@ -6,7 +6,7 @@ use crate::common;
 use candle_core::{DType, Device, Result, Tensor};
 use common::{assert_close, grads_of, max_abs_diff, rand_tensor};
 use lorafuse_ops::cross_entropy::reference::cross_entropy_reference;
-use lorafuse_ops::cross_entropy::{cross_entropy_fused, Reduction};
+use lorafuse_ops::cross_entropy::{cross_entropy_fused, linear_cross_entropy_sum, Reduction};
 
 const IGNORE: i64 = -100;
 const REDUCTIONS: [Reduction; 3] = [Reduction::Mean, Reduction::Sum, Reduction::None];
@@ -210,3 +210,45 @@ fn cross_entropy_public_fn_matches_reference() -> Result<()> {
     let want = cross_entropy_reference(&logits, &t, IGNORE, Reduction::Mean)?;
     assert_close(&got, &want, 1e-6, "cross_entropy (dispatching)")
 }
+
+/// The fused LM head + summed loss against the two ops composed: loss and input gradient. The
+/// chunk size splits the rows into chunks of 8 (the CUDA path; elsewhere the ops are composed).
+fn linear_cross_entropy_matches_composed_on(dev: &Device) -> Result<()> {
+    for dtype in common::dtypes(dev) {
+        let (n, hidden, vocab) = (37usize, 64usize, 3001usize);
+        let h = rand_tensor(&[n, hidden], 1.0, 11, dtype, dev)?;
+        let w = rand_tensor(&[vocab, hidden], 0.5, 12, dtype, dev)?;
+        let t = targets(n, vocab, dev)?;
+        let chunk = 8 * vocab * dtype.size_in_bytes();
+        let what = format!("linear_cross_entropy_sum {dtype:?}");
+        let fused = |x: &[Tensor]| linear_cross_entropy_sum(&x[0], &w, &t, IGNORE, chunk);
+        let composed = |x: &[Tensor]| {
+            let logits = lorafuse_ops::frozen_linear(&x[0], &w, None)?;
+            lorafuse_ops::cross_entropy(&logits, &t, IGNORE, Reduction::Sum)
+        };
+        let (loss, g) = grads_of(std::slice::from_ref(&h), 1, 5, &fused)?;
+        let (want, want_g) = grads_of(std::slice::from_ref(&h), 1, 5, &composed)?;
+        let loss_dtype = if dtype == DType::F64 {
+            dtype
+        } else {
+            DType::F32
+        };
+        assert_eq!(loss.dtype(), loss_dtype, "{what}: loss dtype");
+        assert_eq!(g[0].dtype(), dtype, "{what}: gradient dtype");
+        let (loss_tol, g_tol) = match dtype {
+            DType::F64 | DType::F32 => (1e-5, 1e-4),
+            _ => (1e-2, 3e-2),
+        };
+        assert_close(&loss, &want, loss_tol, &what)?;
+        assert_close(&g[0], &want_g[0], g_tol, &format!("{what} grad"))?;
+        // no gradient wanted: the loss alone, the same value
+        let plain = linear_cross_entropy_sum(&h, &w, &t, IGNORE, chunk)?;
+        assert_close(&plain, &want, loss_tol, &format!("{what} (no grad)"))?;
+    }
+    Ok(())
+}
+test_device!(
+    linear_cross_entropy_matches_composed_on,
+    linear_cross_entropy_matches_composed_cpu,
+    linear_cross_entropy_matches_composed_cuda
+);

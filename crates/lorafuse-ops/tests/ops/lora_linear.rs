@@ -235,3 +235,43 @@ fn lora_linear_public_fn_dispatches_to_fused_and_reference_alike() -> Result<()>
     let got = lorafuse_ops::lora_linear(&ins[0], &ins[3], Some(&ins[4]), &ins[1], &ins[2], SCALE)?;
     common::assert_close(&got, &want, 1e-12, "lora_linear (dispatching)")
 }
+
+/// f32 factors under a bf16/f16 input (f32 master weights of a half-precision model): the same
+/// output and gradients as casting the factors first, with f32 gradients for the factors.
+fn lora_linear_f32_factors_under_half_on(dev: &Device) -> Result<()> {
+    for dtype in [DType::BF16, DType::F16] {
+        let x = rand_tensor(&[3, 5, 64], 1.0, 21, dtype, dev)?;
+        let w = rand_tensor(&[48, 64], 0.5, 22, dtype, dev)?;
+        let bias = rand_tensor(&[48], 0.5, 23, dtype, dev)?;
+        let a = rand_tensor(&[8, 64], 0.5, 24, DType::F32, dev)?;
+        let b = rand_tensor(&[48, 8], 0.5, 25, DType::F32, dev)?;
+        let mixed =
+            |t: &[Tensor]| lorafuse_ops::lora_linear(&t[0], &w, Some(&bias), &t[1], &t[2], SCALE);
+        let cast = |t: &[Tensor]| {
+            let (a, b) = (t[1].to_dtype(dtype)?, t[2].to_dtype(dtype)?);
+            lorafuse_ops::lora_linear(&t[0], &w, Some(&bias), &a, &b, SCALE)
+        };
+        let inputs = [x, a, b];
+        let (y, g) = grads_of(&inputs, 3, 26, &mixed)?;
+        let (want, want_g) = grads_of(&inputs, 3, 26, &cast)?;
+        let what = format!("lora_linear f32 factors, {dtype:?} x");
+        assert_eq!(y.dtype(), dtype, "{what}: output dtype");
+        assert_eq!(g[1].dtype(), DType::F32, "{what}: dA dtype");
+        assert_eq!(g[2].dtype(), DType::F32, "{what}: dB dtype");
+        assert_close(&y, &want, common::tol(dtype), &what)?;
+        for (i, name) in ["dx", "dA", "dB"].iter().enumerate() {
+            assert_close(
+                &g[i],
+                &want_g[i],
+                common::tol(dtype),
+                &format!("{what} {name}"),
+            )?;
+        }
+    }
+    Ok(())
+}
+test_device!(
+    lora_linear_f32_factors_under_half_on,
+    lora_linear_f32_factors_under_half_cpu,
+    lora_linear_f32_factors_under_half_cuda
+);

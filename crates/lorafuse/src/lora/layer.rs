@@ -364,15 +364,14 @@ impl LinearLayer for LoraLinear {
                     a.scale * weight,
                 );
             }
-            // f32 master weights under a half-precision model on a GPU: cast the (small) factors
-            // to the activations' dtype instead of the (large) activations to f32. The GEMMs
-            // still accumulate in f32; the cast's backward hands f32 gradients to the `Var`s.
-            // This avoids an f32 copy of every adapter input kept for the backward, the f32
-            // delta and its cast back, and f32 gradient copies of the same size.
+            // f32 master weights under a half-precision model on a GPU: the (small) factors are
+            // cast to the activations' dtype instead of the (large) activations to f32. The GEMMs
+            // still accumulate in f32 and the `Var`s get f32 gradients. This avoids an f32 copy
+            // of every adapter input kept for the backward, the f32 delta and its cast back, and
+            // f32 gradient copies of the same size (the op does the casts itself where it can).
             if !dropping(a) && half_on_gpu(x, a) {
-                let la = a.a.as_tensor().to_dtype(x.dtype())?;
-                let lb = a.b.as_tensor().to_dtype(x.dtype())?;
-                return lorafuse_ops::lora_linear(x, w, bias, &la, &lb, a.scale * weight);
+                let (la, lb) = (a.a.as_tensor(), a.b.as_tensor());
+                return lorafuse_ops::lora_linear(x, w, bias, la, lb, a.scale * weight);
             }
         }
         let mut y = lorafuse_ops::frozen_linear(x, w, bias)?;

@@ -148,13 +148,14 @@ impl Attention {
         })
     }
 
+    /// `x` is `[b * t, hidden]` (rows of `b` sequences of `t` positions); so is the result.
     fn forward(
         &self,
         x: &Tensor,
+        (b, t): (usize, usize),
         rope: (&Tensor, &Tensor),
         cache: Option<&mut candle_nn::kv_cache::KvCache>,
     ) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, n, self.head_dim))?
                 .transpose(1, 2)?
@@ -175,7 +176,7 @@ impl Attention {
         let y = lorafuse_ops::causal_attention(&q, &k, &v, scale)?;
         let y = y
             .transpose(1, 2)?
-            .reshape((b, t, self.heads * self.head_dim))?;
+            .reshape((b * t, self.heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
 }
@@ -298,8 +299,23 @@ impl Llama {
             .with_context(|| self.hidden_states(input_ids, cache))
     }
 
+    /// [`Llama::forward_hidden`] flattened to `[b * t, hidden]` rows, without a cache: what a
+    /// training loss reads (the rows go straight to the LM head, with no reshape in the graph).
+    pub fn forward_hidden_rows(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.device
+            .with_context(|| self.hidden_rows(input_ids, None))
+    }
+
     /// [`Llama::forward_hidden`] without the device context.
-    fn hidden_states(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn hidden_states(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let rows = self.hidden_rows(input_ids, cache)?;
+        Ok(rows.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// The final normalised hidden states as `[b * t, hidden]` rows. The whole stack runs on rows
+    /// (every op but attention is row-wise), so that no layer adds reshapes to the autograd graph.
+    fn hidden_rows(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
         if offset + t > self.cfg.max_position_embeddings {
@@ -310,17 +326,14 @@ impl Llama {
         }
         let (cos, sin) = self.rope.slice(offset, t)?;
         let ids = input_ids.flatten_all()?;
-        let mut x =
-            self.embed_tokens
-                .index_select(&ids, 0)?
-                .reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
         let eps = self.cfg.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let normed = lorafuse_ops::rms_norm(&x, &layer.input_layernorm, eps)?;
             let attn = layer
                 .self_attn
-                .forward(&normed, (&cos, &sin), layer_cache)?;
+                .forward(&normed, (b, t), (&cos, &sin), layer_cache)?;
             let (resid, normed) =
                 lorafuse_ops::add_rms_norm(&attn, &x, &layer.post_attention_layernorm, eps)?;
             x = (layer.mlp.forward(&normed)? + resid)?;

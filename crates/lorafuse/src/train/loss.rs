@@ -5,10 +5,14 @@
 //! are prompt, and the head (vocab x hidden) is a fifth of a small model's FLOPs per token.
 
 use crate::data::{Batch, IGNORE_INDEX};
+use crate::models::linear::Linear;
 use crate::models::Llama;
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 use lorafuse_ops::Reduction;
+
+/// Logits held at once by the fused LM head + loss (per chunk of rows).
+const HEAD_CHUNK_BYTES: usize = 1 << 30;
 
 /// The flat positions (`row * seq_len + t`) whose next label takes loss, and those labels.
 pub fn loss_positions(batch: &Batch) -> (Vec<u32>, Vec<i64>) {
@@ -36,15 +40,45 @@ pub fn batch_loss_sum(model: &Llama, batch: &Batch) -> Result<Option<(Tensor, us
     }
     let dev = model.device();
     let (ids, _) = batch.to_tensors(dev)?;
-    let hidden = model.forward_hidden(&ids, None)?;
-    let h = hidden.dim(2)?;
+    let hidden = model.forward_hidden_rows(&ids)?;
     let n = pos.len();
-    let rows = hidden
-        .reshape((batch.batch * batch.seq_len, h))?
-        .index_select(&Tensor::from_vec(pos, n, dev)?, 0)?;
-    let logits = model.lm_head().forward(&rows)?;
-    let targets = Tensor::from_vec(targets, n, dev)?;
-    let loss = lorafuse_ops::cross_entropy(&logits, &targets, IGNORE_INDEX, Reduction::Sum)?;
+    let all = batch.batch * batch.seq_len;
+    let head = model.lm_head();
+    let plain_head = head
+        .as_any()
+        .downcast_ref::<Linear>()
+        .filter(|l| l.bias.is_none());
+    let loss = match plain_head {
+        // Training through a frozen head on CUDA: the fused head + loss never holds the full
+        // logits. When most positions take loss, every row goes in, the others with the ignore
+        // label: that costs a few head rows but saves the gather and its backward (a scatter-add
+        // into a zeroed copy of the hidden states).
+        Some(l) if hidden.track_op() && dev.is_cuda() => {
+            let (rows, targets) = if 4 * n >= 3 * all {
+                let mut dense = vec![IGNORE_INDEX; all];
+                for (&p, &t) in pos.iter().zip(&targets) {
+                    dense[p as usize] = t;
+                }
+                (hidden, Tensor::from_vec(dense, all, dev)?)
+            } else {
+                let rows = hidden.index_select(&Tensor::from_vec(pos, n, dev)?, 0)?;
+                (rows, Tensor::from_vec(targets, n, dev)?)
+            };
+            lorafuse_ops::linear_cross_entropy_sum(
+                &rows,
+                &l.weight,
+                &targets,
+                IGNORE_INDEX,
+                HEAD_CHUNK_BYTES,
+            )?
+        }
+        _ => {
+            let rows = hidden.index_select(&Tensor::from_vec(pos, n, dev)?, 0)?;
+            let targets = Tensor::from_vec(targets, n, dev)?;
+            let logits = head.forward(&rows)?;
+            lorafuse_ops::cross_entropy(&logits, &targets, IGNORE_INDEX, Reduction::Sum)?
+        }
+    };
     Ok(Some((loss.to_dtype(candle_core::DType::F32)?, n)))
 }
 
@@ -74,12 +108,14 @@ pub fn accumulate_grads(model: &Llama, params: &[Var], batches: &[Batch]) -> Res
         ));
     }
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
-    let mut loss_sum = 0f64;
+    // Read back after the backward passes: reading a GPU scalar waits for the device, and doing
+    // it between forward and backward would leave the GPU idle while the backward is queued.
+    let mut sums = Vec::with_capacity(batches.len());
     for batch in batches {
         let Some((sum, _)) = batch_loss_sum(model, batch)? else {
             continue;
         };
-        loss_sum += sum.to_scalar::<f32>()? as f64;
+        sums.push(sum.detach());
         let scaled = sum.affine(1.0 / total as f64, 0.0)?;
         let store = scaled.backward()?;
         for (acc, p) in grads.iter_mut().zip(params) {
@@ -91,6 +127,10 @@ pub fn accumulate_grads(model: &Llama, params: &[Var], batches: &[Batch]) -> Res
                 });
             }
         }
+    }
+    let mut loss_sum = 0f64;
+    for sum in &sums {
+        loss_sum += sum.to_scalar::<f32>()? as f64;
     }
     // A parameter the graph never reached (an adapter on an unused module) gets a zero gradient.
     let grads = grads
