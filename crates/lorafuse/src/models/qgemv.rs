@@ -312,39 +312,6 @@ mod avx2 {
         hsum(_mm256_add_ps(acc[0], acc[1]))
     }
 
-    /// One q4 row against one activation row (`kb` even); `off * sum[b]` (the q4_0 offset, or 0)
-    /// joins each block's integer sum.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_q4(
-        w: *const u8,
-        wd: *const f32,
-        x: *const i8,
-        xd: *const f32,
-        (sum, off): (*const i32, i32),
-        kb: usize,
-    ) -> f32 {
-        let low = _mm256_set1_epi8(15);
-        let mut acc = [_mm256_setzero_ps(); 2];
-        for p in 0..kb / 2 {
-            let b = 2 * p;
-            // SAFETY (all loads): the caller passes pointers to `kb` whole blocks and scales.
-            let packed = _mm256_loadu_si256(w.add(p * BLOCK) as *const __m256i);
-            let w0 = _mm256_and_si256(packed, low);
-            let w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-            let x0 = _mm256_loadu_si256(x.add(b * BLOCK) as *const __m256i);
-            let x1 = _mm256_loadu_si256(x.add((b + 1) * BLOCK) as *const __m256i);
-            // codes <= 15 times |x| <= 127: pair sums far inside i16. The offset enters lane 0.
-            let o0 = _mm256_setr_epi32(off * *sum.add(b), 0, 0, 0, 0, 0, 0, 0);
-            let o1 = _mm256_setr_epi32(off * *sum.add(b + 1), 0, 0, 0, 0, 0, 0, 0);
-            let l0 = _mm256_add_epi32(dot_u8_i8(w0, x0), o0);
-            let l1 = _mm256_add_epi32(dot_u8_i8(w1, x1), o1);
-            acc[0] = scaled(acc[0], l0, *wd.add(b) * *xd.add(b));
-            acc[1] = scaled(acc[1], l1, *wd.add(b + 1) * *xd.add(b + 1));
-        }
-        hsum(_mm256_add_ps(acc[0], acc[1]))
-    }
-
     /// [`row_q8`] with `vpdpbusd`: the stored codes `q + 128` are already unsigned, and the
     /// `128 * sum(x)` they add per block comes off in lane 0.
     #[inline]
@@ -368,42 +335,65 @@ mod avx2 {
         hsum(_mm256_add_ps(acc[0], acc[1]))
     }
 
-    /// [`row_q4`] with `vpdpbusd`; the q4_0 offset (`off != 0`) seeds lane 0.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    unsafe fn row_q4_vnni(
-        w: *const u8,
-        wd: *const f32,
-        x: *const i8,
-        xd: *const f32,
-        (sum, off): (*const i32, i32),
-        kb: usize,
-    ) -> f32 {
-        let low = _mm256_set1_epi8(15);
-        let mut acc = [_mm256_setzero_ps(); 2];
-        for p in 0..kb / 2 {
-            let b = 2 * p;
-            // SAFETY (all loads): the caller passes pointers to `kb` whole blocks and scales.
-            let packed = _mm256_loadu_si256(w.add(p * BLOCK) as *const __m256i);
-            let w0 = _mm256_and_si256(packed, low);
-            let w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-            let x0 = _mm256_loadu_si256(x.add(b * BLOCK) as *const __m256i);
-            let x1 = _mm256_loadu_si256(x.add((b + 1) * BLOCK) as *const __m256i);
-            let (s0, s1) = if off == 0 {
-                (_mm256_setzero_si256(), _mm256_setzero_si256())
-            } else {
-                (
-                    _mm256_setr_epi32(off * *sum.add(b), 0, 0, 0, 0, 0, 0, 0),
-                    _mm256_setr_epi32(off * *sum.add(b + 1), 0, 0, 0, 0, 0, 0, 0),
-                )
-            };
-            let l0 = _mm256_dpbusd_epi32(s0, w0, x0);
-            let l1 = _mm256_dpbusd_epi32(s1, w1, x1);
-            acc[0] = scaled(acc[0], l0, *wd.add(b) * *xd.add(b));
-            acc[1] = scaled(acc[1], l1, *wd.add(b + 1) * *xd.add(b + 1));
-        }
-        hsum(_mm256_add_ps(acc[0], acc[1]))
+    /// Defines a q4 row kernel: one q4 row against one activation row (`kb` even). `$lanes`
+    /// turns a block's seed (the q4_0 offset `off * sum[b]` in lane 0, or zeros), codes and
+    /// activations into 8 i32 lanes; the two instruction sets differ only there.
+    macro_rules! row_q4_kernel {
+        ($name:ident, $features:literal, |$seed:ident, $w:ident, $x:ident| $lanes:expr) => {
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn $name(
+                w: *const u8,
+                wd: *const f32,
+                x: *const i8,
+                xd: *const f32,
+                (sum, off): (*const i32, i32),
+                kb: usize,
+            ) -> f32 {
+                let low = _mm256_set1_epi8(15);
+                let mut acc = [_mm256_setzero_ps(); 2];
+                for p in 0..kb / 2 {
+                    let b = 2 * p;
+                    // SAFETY (all loads): the caller passes pointers to `kb` whole blocks and
+                    // scales.
+                    let packed = _mm256_loadu_si256(w.add(p * BLOCK) as *const __m256i);
+                    let w0 = _mm256_and_si256(packed, low);
+                    let w1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                    let x0 = _mm256_loadu_si256(x.add(b * BLOCK) as *const __m256i);
+                    let x1 = _mm256_loadu_si256(x.add((b + 1) * BLOCK) as *const __m256i);
+                    // codes <= 15 times |x| <= 127: pair sums far inside i16.
+                    let (s0, s1) = if off == 0 {
+                        (_mm256_setzero_si256(), _mm256_setzero_si256())
+                    } else {
+                        (
+                            _mm256_setr_epi32(off * *sum.add(b), 0, 0, 0, 0, 0, 0, 0),
+                            _mm256_setr_epi32(off * *sum.add(b + 1), 0, 0, 0, 0, 0, 0, 0),
+                        )
+                    };
+                    let l0 = {
+                        let ($seed, $w, $x) = (s0, w0, x0);
+                        $lanes
+                    };
+                    let l1 = {
+                        let ($seed, $w, $x) = (s1, w1, x1);
+                        $lanes
+                    };
+                    acc[0] = scaled(acc[0], l0, *wd.add(b) * *xd.add(b));
+                    acc[1] = scaled(acc[1], l1, *wd.add(b + 1) * *xd.add(b + 1));
+                }
+                hsum(_mm256_add_ps(acc[0], acc[1]))
+            }
+        };
     }
+
+    row_q4_kernel!(row_q4, "avx2,fma", |seed, w, x| _mm256_add_epi32(
+        dot_u8_i8(w, x),
+        seed
+    ));
+    // `vpdpbusd` does `maddubs` + `madd` + the seed add in one instruction.
+    row_q4_kernel!(row_q4_vnni, "avx2,fma,avx512vnni,avx512vl", |seed, w, x| {
+        _mm256_dpbusd_epi32(seed, w, x)
+    });
 
     /// `sum(a * b)`, 8 lanes at a time: q4_1's minimums against `d_x * sum(x_q)`.
     #[inline]
