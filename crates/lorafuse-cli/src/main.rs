@@ -1,20 +1,7 @@
 //! `lorafuse`: LoRA fine-tuning, generation, perplexity and sentence embeddings on Candle.
 
+mod alloc;
 mod cmd;
-
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Keeps freed memory mapped instead of returning it to the OS after mimalloc's purge delay: a
-/// training step frees and reallocates gigabytes of activations, and returned pages come back as
-/// page faults plus zeroing (a quarter of a CPU training step without this).
-fn keep_freed_memory() {
-    // `mi_option_purge_delay` in mimalloc.h (v2 and v3); the -sys crate exports no constant for it.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: `mi_option_set` stores an integer in mimalloc's option table; the option and the
-    // value (-1: never purge) are valid, and nothing else is running yet.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
 
 use clap::{Parser, Subcommand};
 
@@ -56,7 +43,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    keep_freed_memory();
+    alloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
