@@ -20,6 +20,8 @@ fn main() {
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let src = manifest.join("src");
+    // Cargo reruns this script for a changed .cu/.cuh it was told about, not for a new op folder:
+    // after adding `src/<op>/<op>.cu`, touch this file once.
     let (sources, headers) = kernel_sources(&src);
     for h in &headers {
         println!("cargo:rerun-if-changed={}", h.display());

@@ -51,6 +51,8 @@ decode)
   [ -d /tmp/rand/smollm2 ] || python3 scripts/gpu/make-random-models.py /tmp/rand .gpu/bench > "$OUT/make-random.log" 2>&1
   for dt in bf16 f32; do
     $BIN bench decode --model /tmp/rand/smollm2 --device cuda --dtype $dt --prompt-tokens 32 --new-tokens 128 --repeat 3 --json "$OUT/decode_$dt.json"
+    # The same without the fused step (Candle's per-op decode), for A/B.
+    LORAFUSE_FUSED_DECODE=0 $BIN bench decode --model /tmp/rand/smollm2 --device cuda --dtype $dt --prompt-tokens 32 --new-tokens 128 --repeat 3 --json "$OUT/decode_${dt}_candle.json"
   done
   (cd "$OUT" && timeout 300 python3 "$OLDPWD/.gpu/bench/peers_infer.py" > peers_infer.log 2>&1)
   grep impl "$OUT/peers_infer.log"

@@ -63,6 +63,11 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
+    /// The loaded function, for launches on a stream of the caller's own.
+    pub fn function(&self) -> &CudaFunction {
+        &self.func
+    }
+
     /// A launch builder on the device's own stream; push arguments in the kernel's order.
     pub fn builder(&self) -> LaunchArgs<'_> {
         self.stream.launch_builder(&self.func)

@@ -25,6 +25,7 @@ mod cuda_util;
 mod device_setup;
 mod dispatch;
 mod error;
+pub mod fused_decode;
 pub mod layer_norm;
 pub mod lora_linear;
 #[cfg(feature = "metal")]
@@ -40,6 +41,7 @@ pub use cross_entropy::{cross_entropy, linear_cross_entropy_sum, Reduction};
 pub use device_setup::{configure_device, peak_allocated_bytes};
 pub use dispatch::{kernel_mode, set_kernel_mode, KernelMode};
 pub use error::OpError;
+pub use fused_decode::{DecoderWeights, FusedDecoder, LayerWeights};
 pub use layer_norm::layer_norm;
 pub use lora_linear::{frozen_linear, lora_delta, lora_linear};
 pub use rms_norm::{add_rms_norm, rms_norm};

@@ -231,3 +231,11 @@ fn named_linears_use_checkpoint_paths() {
     assert_eq!(names[13], "model.layers.1.mlp.down_proj");
     assert_eq!(names[14], "lm_head");
 }
+
+#[test]
+fn fused_decode_step_is_cuda_only() {
+    // The fused step (lorafuse_ops::fused_decode) applies on CUDA only; everywhere else
+    // generation takes the cached Candle forward that the tests above check.
+    let model = tiny_model(false, true);
+    assert!(model.fused_decoder(16).unwrap().is_none());
+}

@@ -20,6 +20,18 @@ fn greedy_picks_the_largest_logit() {
 }
 
 #[test]
+fn only_plain_argmax_counts_as_greedy() {
+    // A decoder may take the argmax on the device only when the sampler would pick exactly it.
+    assert!(Sampler::new(params(0.0)).unwrap().is_greedy());
+    assert!(!Sampler::new(params(0.7)).unwrap().is_greedy());
+    let penalised = SamplingParams {
+        repetition_penalty: 1.3,
+        ..params(0.0)
+    };
+    assert!(!Sampler::new(penalised).unwrap().is_greedy());
+}
+
+#[test]
 fn top_k_one_is_greedy_at_any_temperature() {
     let mut s = Sampler::new(SamplingParams {
         top_k: 1,

@@ -422,7 +422,8 @@ fn bench_decode(args: &DecodeArgs) -> anyhow::Result<()> {
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32)
         .map(|i| (i * 7919 + 13) % vocab)
         .collect();
-    let run = |new: usize| -> anyhow::Result<(f64, f64)> {
+    let mut path = "candle";
+    let mut run = |new: usize| -> anyhow::Result<(f64, f64)> {
         let mut cache = model.new_cache(prompt.len() + new);
         dev.synchronize()?;
         let t0 = Instant::now();
@@ -430,13 +431,29 @@ fn bench_decode(args: &DecodeArgs) -> anyhow::Result<()> {
         let logits = model.forward_last(&input, Some(&mut cache))?;
         // Greedy on the device, one id back to the host per step, as transformers' generate.
         let mut next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
+        // What `generate` does: the fused CUDA step where it applies (its setup counts as
+        // prefill), else Candle's cached forward.
+        let mut fused = model.fused_decoder(prompt.len() + new)?;
+        if let Some(f) = fused.as_mut() {
+            model.load_fused_prefix(&cache, f)?;
+        }
         let t1 = Instant::now();
-        for _ in 1..new {
-            let input = Tensor::new(&[next], dev)?.unsqueeze(0)?;
-            let logits = model.forward_last(&input, Some(&mut cache))?;
-            next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
+        for i in 1..new {
+            next = match fused.as_mut() {
+                Some(f) => f.step_greedy(next, prompt.len() + i - 1)?,
+                None => {
+                    let input = Tensor::new(&[next], dev)?.unsqueeze(0)?;
+                    let logits = model.forward_last(&input, Some(&mut cache))?;
+                    logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0]
+                }
+            };
         }
         dev.synchronize()?;
+        path = match &fused {
+            Some(f) if f.uses_graph() => "fused_graph",
+            Some(_) => "fused",
+            None => "candle",
+        };
         Ok((
             t1.duration_since(t0).as_secs_f64(),
             t1.elapsed().as_secs_f64(),
@@ -465,6 +482,7 @@ fn bench_decode(args: &DecodeArgs) -> anyhow::Result<()> {
         "quantize": args.model.quantize.map(|q| q.name()),
         "threads": candle_core::utils::get_num_threads(),
         "kernels": format!("{:?}", lorafuse_ops::kernel_mode()),
+        "decode_path": path,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "prefill_ms": prefill * 1e3,

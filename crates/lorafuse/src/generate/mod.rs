@@ -112,10 +112,25 @@ pub fn generate(
     let start = Instant::now();
     let input = Tensor::new(prompt_ids, model.device())?.unsqueeze(0)?;
     let mut logits = last_logits(&model.forward_last(&input, Some(&mut cache))?)?;
+    // On CUDA the steps after the prefill run as one fused graph per token where it applies.
+    let mut fused = if max_new > 1 {
+        model.fused_decoder(prompt_ids.len() + max_new)?
+    } else {
+        None
+    };
+    if let Some(dec) = fused.as_mut() {
+        model.load_fused_prefix(&cache, dec)?;
+    }
     let mut first_token_at = None;
     let mut decode_steps = 0;
+    // The fused greedy step returns the next token itself (argmax on the device).
+    let mut chosen: Option<u32> = None;
+    let greedy = sampler.is_greedy();
     for step in 0..max_new {
-        let next = sampler.sample(&logits, &history)?;
+        let next = match chosen.take() {
+            Some(id) => id,
+            None => sampler.sample(&logits, &history)?,
+        };
         first_token_at.get_or_insert_with(Instant::now);
         if eos.contains(&next) {
             stop_reason = StopReason::Eos;
@@ -136,8 +151,14 @@ pub fn generate(
         if step + 1 == max_new {
             break;
         }
-        let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
-        logits = last_logits(&model.forward_last(&input, Some(&mut cache))?)?;
+        match fused.as_mut() {
+            Some(dec) if greedy => chosen = Some(dec.step_greedy(next, history.len() - 1)?),
+            Some(dec) => logits = dec.step(next, history.len() - 1)?,
+            None => {
+                let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
+                logits = last_logits(&model.forward_last(&input, Some(&mut cache))?)?;
+            }
+        }
         decode_steps += 1;
     }
     if !stops.stopped() {

@@ -74,6 +74,12 @@ impl Sampler {
         &self.params
     }
 
+    /// True when the choice is the plain argmax of the logits (temperature 0, no repetition
+    /// penalty), which a decoder may then compute on the device.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0 && self.params.repetition_penalty == 1.0
+    }
+
     /// Picks the next token from `logits` (one row over the vocabulary), given the ids so far
     /// (prompt and generated) for the repetition penalty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {

@@ -400,6 +400,10 @@ impl LinearLayer for LoraLinear {
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
+    fn is_plain(&self) -> bool {
+        // Merged adapters live in `base.weight`; otherwise no active adapter may exist.
+        !self.merged.is_empty() || self.active.iter().all(|(n, _)| self.adapter(n).is_none())
+    }
 }
 
 /// True for a bf16/f16 input on a GPU with an f32 adapter: the case where the adapter's factors

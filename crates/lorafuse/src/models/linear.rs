@@ -15,6 +15,11 @@ pub trait LinearLayer: Send + Sync + std::fmt::Debug {
     fn as_any(&self) -> &dyn Any;
     /// Mutable downcasting.
     fn as_any_mut(&mut self) -> &mut dyn Any;
+    /// True when `forward` is exactly the base layer's product (no live adapter on top), so that
+    /// an engine reading the base weights directly computes the same thing.
+    fn is_plain(&self) -> bool {
+        false
+    }
 }
 
 /// A model's projection: boxed so that an adapter can be put in its place.
@@ -119,5 +124,8 @@ impl LinearLayer for Linear {
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+    fn is_plain(&self) -> bool {
+        true
     }
 }

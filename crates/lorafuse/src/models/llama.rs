@@ -10,7 +10,7 @@ use crate::config::{LlamaConfig, RopeScaling};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use lorafuse_ops::RopeLayout;
+use lorafuse_ops::{DecoderWeights, FusedDecoder, LayerWeights, RopeLayout};
 
 /// Cosine and sine tables for every position up to the context length, `[max_pos, head_dim / 2]`,
 /// kept in f32 and cast per call (transformers computes them in f32 too).
@@ -358,6 +358,80 @@ impl Llama {
             let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
             Ok(self.lm_head.forward(&last)?)
         })
+    }
+
+    /// A fused batch-1 decode engine over this model's weights with a KV cache of `capacity`
+    /// positions (see `lorafuse_ops::fused_decode`), or `None` where it does not apply: not on
+    /// CUDA, reference kernels forced, a projection with a live (unmerged) LoRA adapter, or
+    /// shapes the kernels do not take. Callers then use [`Llama::forward_last`] as usual.
+    pub fn fused_decoder(&self, capacity: usize) -> Result<Option<FusedDecoder>> {
+        if !self.device.is_cuda() || !self.named_linears().iter().all(|(_, s)| s.is_plain()) {
+            return Ok(None);
+        }
+        let base = |s: &LinearSlot| s.base().clone();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                let (q, k, v, o) = (
+                    base(&a.q_proj),
+                    base(&a.k_proj),
+                    base(&a.v_proj),
+                    base(&a.o_proj),
+                );
+                let (g, u, d) = (base(&m.gate_proj), base(&m.up_proj), base(&m.down_proj));
+                LayerWeights {
+                    input_norm: l.input_layernorm.clone(),
+                    q: q.weight,
+                    k: k.weight,
+                    v: v.weight,
+                    q_bias: q.bias,
+                    k_bias: k.bias,
+                    v_bias: v.bias,
+                    o: o.weight,
+                    o_bias: o.bias,
+                    post_norm: l.post_attention_layernorm.clone(),
+                    gate: g.weight,
+                    up: u.weight,
+                    down: d.weight,
+                    gate_bias: g.bias,
+                    up_bias: u.bias,
+                    down_bias: d.bias,
+                }
+            })
+            .collect();
+        let head = self.lm_head.base();
+        if head.bias.is_some() {
+            return Ok(None);
+        }
+        let weights = DecoderWeights {
+            embed: self.embed_tokens.clone(),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: head.weight.clone(),
+            rope_cos: self.rope.cos.clone(),
+            rope_sin: self.rope.sin.clone(),
+            rms_norm_eps: self.cfg.rms_norm_eps,
+            heads: self.cfg.num_attention_heads,
+            kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+        };
+        Ok(FusedDecoder::new(weights, capacity)?)
+    }
+
+    /// Copies the keys and values held in `cache` (e.g. after a prefill) into `decoder`.
+    pub fn load_fused_prefix(&self, cache: &KvCache, decoder: &mut FusedDecoder) -> Result<()> {
+        for (i, layer) in cache.layers.iter().enumerate() {
+            let (Some(k), Some(v)) = (layer.k()?, layer.v()?) else {
+                continue;
+            };
+            // [1, kv_heads, t, head_dim] -> [t, kv_heads, head_dim]
+            let k = k.squeeze(0)?.transpose(0, 1)?;
+            let v = v.squeeze(0)?.transpose(0, 1)?;
+            decoder.load_prefix(i, &k, &v)?;
+        }
+        Ok(())
     }
 
     /// The LM head, applied to hidden states (chunked losses call it per chunk).
