@@ -133,7 +133,8 @@ fn probabilities(s: &mut [f32], nk: usize, scale: f32, lse: &[f64], last: impl F
     for (r, row) in s.chunks_mut(nk).enumerate() {
         let (vis, hidden) = row.split_at_mut((last(r) + 1).min(nk));
         let l = lse[r] as f32;
-        vis.iter_mut().for_each(|x| *x = (*x * scale - l).exp());
+        vis.iter_mut()
+            .for_each(|x| *x = crate::cpu_util::fast_exp(*x * scale - l));
         hidden.iter_mut().for_each(|x| *x = 0.0);
     }
 }
@@ -184,7 +185,7 @@ pub(crate) fn fwd<T: WithDType>(q: &[T], k: &[T], v: &[T], dm: Dims) -> (Vec<T>,
                     .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
                 let mut l = 0f32;
                 for x in seen.iter_mut() {
-                    *x = (*x * scale - m).exp();
+                    *x = crate::cpu_util::fast_exp(*x * scale - m);
                     l += *x;
                 }
                 let inv = 1.0 / l;

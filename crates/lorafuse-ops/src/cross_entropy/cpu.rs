@@ -20,6 +20,7 @@ pub(super) trait Acc:
     + Sync
     + PartialOrd
     + Add<Output = Self>
+    + std::ops::AddAssign
     + Sub<Output = Self>
     + Mul<Output = Self>
     + Div<Output = Self>
@@ -32,8 +33,9 @@ pub(super) trait Acc:
 
 impl Acc for f32 {
     const NEG_INF: Self = f32::NEG_INFINITY;
+    #[inline(always)]
     fn exp(self) -> Self {
-        f32::exp(self)
+        crate::cpu_util::fast_exp(self)
     }
     fn ln(self) -> Self {
         f32::ln(self)
@@ -120,20 +122,45 @@ pub(super) fn check_targets(targets: &[i64], vocab: usize, ignore: i64) -> Resul
     Ok(count)
 }
 
-/// `logsumexp` of a row in one pass.
+/// Lanes of the partial max and sum in [`row_lse`]: independent accumulators are what lets the
+/// compiler vectorise a float reduction (it may not reorder one accumulator's additions).
+const LANES: usize = 16;
+
+/// `logsumexp` of a row: the max, then the sum of shifted exponentials, each in `LANES` partial
+/// accumulators (two branch-free passes over a row that stays in cache).
 #[inline]
 fn row_lse<T: Elem>(row: &[T]) -> T::A {
-    let zero = T::A::from_f64(0.0);
-    let one = T::A::from_f64(1.0);
-    let (mut m, mut s) = (T::A::NEG_INF, zero);
-    for &x in row {
+    let neg_inf = T::A::NEG_INF;
+    let mut mx = [neg_inf; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in mx.iter_mut().zip(c) {
+            let x = x.load();
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let mut m = mx.iter().fold(neg_inf, |m, &x| if x > m { x } else { m });
+    for &x in tail {
         let x = x.load();
         if x > m {
-            s = s * (m - x).exp() + one;
             m = x;
-        } else if x > T::A::NEG_INF {
-            s += (x - m).exp();
         }
+    }
+    if m == neg_inf {
+        return m;
+    }
+    let zero = T::A::from_f64(0.0);
+    let mut acc = [zero; LANES];
+    let chunks = row.chunks_exact(LANES);
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += (x.load() - m).exp();
+        }
+    }
+    let mut s = tail.iter().fold(zero, |s, &x| s + (x.load() - m).exp());
+    for a in acc {
+        s += a;
     }
     m + s.ln()
 }
@@ -170,21 +197,27 @@ pub(super) fn bwd_rows<T: Elem>(
     coef: &(dyn Fn(usize) -> T::A + Sync),
 ) -> Vec<T> {
     let zero = T::store(T::A::from_f64(0.0));
-    let mut out = vec![zero; logits.len()];
-    out.par_chunks_mut(vocab)
-        .zip(logits.par_chunks(vocab))
-        .enumerate()
-        .for_each(|(i, (d, row))| {
-            let t = targets[i];
-            if t == ignore {
-                return;
-            }
-            let (l, c) = (lse[i], coef(i));
-            for (dj, &x) in d.iter_mut().zip(row) {
-                *dj = T::store((x.load() - l).exp() * c);
-            }
-            let t = t as usize;
-            d[t] = T::store((row[t].load() - l).exp() * c - c);
-        });
-    out
+    let fill = |out: &mut [std::mem::MaybeUninit<T>]| {
+        out.par_chunks_mut(vocab)
+            .zip(logits.par_chunks(vocab))
+            .enumerate()
+            .for_each(|(i, (d, row))| {
+                let t = targets[i];
+                if t == ignore {
+                    d.iter_mut().for_each(|dj| {
+                        dj.write(zero);
+                    });
+                    return;
+                }
+                let (l, c) = (lse[i], coef(i));
+                for (dj, &x) in d.iter_mut().zip(row) {
+                    dj.write(T::store((x.load() - l).exp() * c));
+                }
+                let t = t as usize;
+                d[t].write(T::store((row[t].load() - l).exp() * c - c));
+            })
+    };
+    // SAFETY: the rows tile the buffer (`logits.len()` is rows * vocab) and every row writes each
+    // of its elements, ignored rows included.
+    unsafe { crate::cpu_util::filled_vec(logits.len(), fill) }
 }
