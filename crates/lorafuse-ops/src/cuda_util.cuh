@@ -95,6 +95,11 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
+// Row kernels keep a whole row in registers when it spans at most this many 16-byte packs per
+// thread (the host sizes blocks for about four): one read of the row instead of two, and every
+// load of a thread in flight at once. 4 packs are 32 floats for half types, 16 for f32.
+constexpr int kRowPacksPerThread = 4;
+
 template <typename T> __device__ __forceinline__ void load_pack(const T* p, float* out) {
   const uint4 raw = *reinterpret_cast<const uint4*>(p);
   const T* e = reinterpret_cast<const T*>(&raw);

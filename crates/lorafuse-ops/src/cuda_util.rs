@@ -213,6 +213,25 @@ pub(crate) fn row_launch(n_rows: usize, n_cols: usize, shared_mem_bytes: u32) ->
     }
 }
 
+/// One block per row for the row-wise forwards that hold a row in registers (rms_norm, layer_norm,
+/// softmax): about four 16-byte packs per thread, so that every thread has work and loads in
+/// flight (a row-length-sized block left half its threads idle on half-precision rows), and small
+/// blocks let more rows share an SM. Rows too
+/// long for `kRowPacksPerThread` packs per thread get 1024 threads and the kernels' two-pass path.
+pub(crate) fn row_launch_packed(n_rows: usize, n_cols: usize, elem_bytes: usize) -> LaunchConfig {
+    let pack = (16 / elem_bytes.max(1)).max(1);
+    let threads = n_cols
+        .div_ceil(pack)
+        .div_ceil(4)
+        .next_power_of_two()
+        .clamp(32, 1024);
+    LaunchConfig {
+        grid_dim: (n_rows.max(1) as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// A grid-stride elementwise launch over `n` elements: 256 threads a block and at most enough
 /// blocks to fill the card a few times over (the kernel loops for the rest).
 pub(crate) fn elementwise_launch(n: usize) -> LaunchConfig {

@@ -53,7 +53,14 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
         .arg(&eps);
     // SAFETY: matches `layer_norm_fwd_*(x, w, b, int has_bias, y, int n, float eps)`; x and y
     // hold rows * n elements, w and b n; one block per row.
-    unsafe { bld.launch(cuda_util::row_launch(rows, n, 0)) }.map_err(cuda_util::driver_err(OP))?;
+    unsafe {
+        bld.launch(cuda_util::row_launch_packed(
+            rows,
+            n,
+            std::mem::size_of::<T>(),
+        ))
+    }
+    .map_err(cuda_util::driver_err(OP))?;
     Ok(cuda_util::wrap(y, dev))
 }
 

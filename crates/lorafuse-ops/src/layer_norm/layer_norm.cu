@@ -63,6 +63,51 @@ __device__ __forceinline__ void layer_norm_fwd_impl(const T* __restrict__ x,
   const T* xr = x + (size_t)blockIdx.x * n;
   T* yr = y + (size_t)blockIdx.x * n;
   const bool vec = n % V == 0 && aligned16(xr) && aligned16(yr) && aligned16(w) && aligned16(b);
+  const int packs = n / V;
+  if (vec && packs <= kRowPacksPerThread * (int)blockDim.x) {
+    float v[kRowPacksPerThread][V];
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kRowPacksPerThread; ++j) {
+      const int p = threadIdx.x + j * blockDim.x;
+      if (p < packs) {
+        load_pack(xr + p * V, v[j]);
+#pragma unroll
+        for (int k = 0; k < V; ++k) sum += v[j][k];
+      }
+    }
+    const float mean = block_sum(sum, scratch) / n;
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < kRowPacksPerThread; ++j) {
+      if (threadIdx.x + j * blockDim.x < packs) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const float d = v[j][k] - mean;
+          ss += d * d;
+        }
+      }
+    }
+    const float rstd = rsqrtf(block_sum(ss, scratch) / n + eps);
+#pragma unroll
+    for (int j = 0; j < kRowPacksPerThread; ++j) {
+      const int p = threadIdx.x + j * blockDim.x;
+      if (p < packs) {
+        float wv[V], bv[V];
+        load_pack(w + p * V, wv);
+        if (has_bias) {
+          load_pack(b + p * V, bv);
+        } else {
+#pragma unroll
+          for (int k = 0; k < V; ++k) bv[k] = 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[j][k] = (v[j][k] - mean) * rstd * wv[k] + bv[k];
+        store_pack(yr + p * V, v[j]);
+      }
+    }
+    return;
+  }
   const float2 st = row_stats(xr, n, eps, vec, scratch);
   if (vec) {
     for (int p = threadIdx.x; p < n / V; p += blockDim.x) {

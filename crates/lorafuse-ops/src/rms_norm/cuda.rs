@@ -47,7 +47,14 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
     b.arg(&xv).arg(&wv).arg(&y).arg(&n_i).arg(&eps);
     // SAFETY: the arguments match `rms_norm_fwd_*(const T*, const T*, T*, int, float)`; x and y
     // hold rows * n elements and w holds n, and the grid has one block per row.
-    unsafe { b.launch(cuda_util::row_launch(rows, n, 0)) }.map_err(cuda_util::driver_err(OP))?;
+    unsafe {
+        b.launch(cuda_util::row_launch_packed(
+            rows,
+            n,
+            std::mem::size_of::<T>(),
+        ))
+    }
+    .map_err(cuda_util::driver_err(OP))?;
     Ok(cuda_util::wrap(y, dev))
 }
 

@@ -26,6 +26,33 @@ __device__ __forceinline__ void rms_norm_fwd_impl(const T* __restrict__ x, const
   const T* xr = x + (size_t)blockIdx.x * n;
   T* yr = y + (size_t)blockIdx.x * n;
   const bool vec = n % V == 0 && aligned16(xr) && aligned16(yr) && aligned16(w);
+  const int packs = n / V;
+  if (vec && packs <= kRowPacksPerThread * (int)blockDim.x) {
+    float v[kRowPacksPerThread][V];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < kRowPacksPerThread; ++j) {
+      const int p = threadIdx.x + j * blockDim.x;
+      if (p < packs) {
+        load_pack(xr + p * V, v[j]);
+#pragma unroll
+        for (int k = 0; k < V; ++k) ss += v[j][k] * v[j][k];
+      }
+    }
+    const float rstd = rsqrtf(block_sum(ss, scratch) / n + eps);
+#pragma unroll
+    for (int j = 0; j < kRowPacksPerThread; ++j) {
+      const int p = threadIdx.x + j * blockDim.x;
+      if (p < packs) {
+        float wv[V], o[V];
+        load_pack(w + p * V, wv);
+#pragma unroll
+        for (int k = 0; k < V; ++k) o[k] = v[j][k] * rstd * wv[k];
+        store_pack(yr + p * V, o);
+      }
+    }
+    return;
+  }
   float ss = 0.f;
   if (vec) {
     for (int p = threadIdx.x; p < n / V; p += blockDim.x) {

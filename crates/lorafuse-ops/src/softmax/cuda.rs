@@ -37,7 +37,14 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
     b.arg(&xv).arg(&y).arg(&n_i);
     // SAFETY: matches `softmax_fwd_*(const T*, T*, int)`; x and y hold rows * n elements, one
     // block per row.
-    unsafe { b.launch(cuda_util::row_launch(rows, n, 0)) }.map_err(cuda_util::driver_err(OP))?;
+    unsafe {
+        b.launch(cuda_util::row_launch_packed(
+            rows,
+            n,
+            std::mem::size_of::<T>(),
+        ))
+    }
+    .map_err(cuda_util::driver_err(OP))?;
     Ok(cuda_util::wrap(y, dev))
 }
 

@@ -23,6 +23,43 @@ __device__ __forceinline__ void softmax_fwd_impl(const T* __restrict__ x, T* __r
   const T* xr = x + (size_t)blockIdx.x * n;
   T* yr = y + (size_t)blockIdx.x * n;
   const bool vec = n % V == 0 && aligned16(xr) && aligned16(yr);
+  const int packs = n / V;
+  if (vec && packs <= kRowPacksPerThread * (int)blockDim.x) {
+    float v[kRowPacksPerThread][V];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kRowPacksPerThread; ++j) {
+      const int p = threadIdx.x + j * blockDim.x;
+      if (p < packs) {
+        load_pack(xr + p * V, v[j]);
+#pragma unroll
+        for (int k = 0; k < V; ++k) mx = fmaxf(mx, v[j][k]);
+      }
+    }
+    const float row_max = block_max(mx, scratch);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kRowPacksPerThread; ++j) {
+      if (threadIdx.x + j * blockDim.x < packs) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          v[j][k] = expf(v[j][k] - row_max);
+          sum += v[j][k];
+        }
+      }
+    }
+    const float inv = 1.f / block_sum(sum, scratch);
+#pragma unroll
+    for (int j = 0; j < kRowPacksPerThread; ++j) {
+      const int p = threadIdx.x + j * blockDim.x;
+      if (p < packs) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[j][k] *= inv;
+        store_pack(yr + p * V, v[j]);
+      }
+    }
+    return;
+  }
   float m = -INFINITY, s = 0.f;
   auto push = [&](float v) {
     if (v > m) {

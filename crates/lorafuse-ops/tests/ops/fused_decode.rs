@@ -20,7 +20,7 @@ const HEAD_DIM: usize = 32;
 const INTER: usize = 160;
 const VOCAB: usize = 301;
 const LAYERS: usize = 2;
-const MAX_POS: usize = 64;
+const MAX_POS: usize = 1200;
 const EPS: f64 = 1e-5;
 
 fn weights(dtype: DType, dev: &Device) -> Result<DecoderWeights> {
@@ -181,6 +181,40 @@ fn fused_decode_matches_reference(dev: &Device) -> Result<()> {
     }
     Ok(())
 }
+/// Past 1,024 cached positions the attention kernel works in several tiles with a running max.
+fn fused_decode_long_context_matches_reference(dev: &Device) -> Result<()> {
+    let tokens: Vec<u32> = (0..1100u32).map(|i| (i * 53 + 11) % VOCAB as u32).collect();
+    let prefix = 1090;
+    let w = weights(DType::F32, dev)?;
+    let (want, cache) = reference(&w, &tokens)?;
+    let Some(mut dec) = FusedDecoder::new(w, tokens.len())? else {
+        assert!(!dev.is_cuda(), "the fused decoder must apply on CUDA");
+        return Ok(());
+    };
+    for (i, (k, v)) in cache.iter().enumerate() {
+        dec.load_prefix(i, &k.narrow(0, 0, prefix)?, &v.narrow(0, 0, prefix)?)?;
+    }
+    for (pos, &tok) in tokens.iter().enumerate().skip(prefix) {
+        let got = Tensor::new(dec.step(tok, pos)?, &Device::Cpu)?;
+        let want_row = want.get(pos)?.to_device(&Device::Cpu)?;
+        let scale = want_row.abs()?.max(D::Minus1)?.to_scalar::<f32>()?;
+        let diff = (got - &want_row)?
+            .abs()?
+            .max(D::Minus1)?
+            .to_scalar::<f32>()?;
+        assert!(
+            diff <= 2e-4 * (1.0 + scale),
+            "position {pos}: max |logit diff| {diff} (logit scale {scale})"
+        );
+    }
+    Ok(())
+}
+test_device!(
+    fused_decode_long_context_matches_reference,
+    fused_decode_long_context_is_cuda_only_cpu,
+    fused_decode_long_context_matches_reference_cuda
+);
+
 test_device!(
     fused_decode_matches_reference,
     fused_decode_is_cuda_only_cpu,
