@@ -55,8 +55,9 @@ pub struct Report {
     pub it_per_s: f64,
     pub tokens_per_s: f64,
     pub trained_tokens: usize,
-    /// Peak resident memory of the process when training on the CPU; `None` on a GPU, where
-    /// host memory says little (the log line shows `n/a`).
+    /// Peak resident memory of the process when training on the CPU; on CUDA the device memory
+    /// pool's high-water mark (what `torch.cuda.max_memory_allocated` reports); `None` where the
+    /// backend does not say (the log line shows `n/a`).
     pub peak_mem_bytes: Option<u64>,
 }
 
@@ -391,7 +392,7 @@ impl<'m> Trainer<'m> {
                     peak_mem_bytes: if self.model.device().is_cpu() {
                         peak_rss_bytes()
                     } else {
-                        None
+                        lorafuse_ops::peak_allocated_bytes(self.model.device())
                     },
                 };
                 on_event(TrainEvent::Report(&r));
