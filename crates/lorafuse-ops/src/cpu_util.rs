@@ -160,6 +160,61 @@ pub(crate) fn layout_rows_cols(l: &Layout) -> (usize, usize) {
     (l.shape().elem_count().checked_div(cols).unwrap_or(0), cols)
 }
 
+/// The working precision of a CPU kernel: f32 for f32/bf16/f16 tensors (with [`fast_exp`]),
+/// f64 for f64 tensors (so that the finite-difference tests see f64 precision).
+pub(crate) trait Acc:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + WithDType
+{
+    const NEG_INF: Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+}
+
+impl Acc for f32 {
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    #[inline(always)]
+    fn exp(self) -> Self {
+        fast_exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+}
+
+impl Acc for f64 {
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+}
+
+/// A storage element as its working-precision value, and back: the (load, store) pair a kernel
+/// generic over `T: WithDType` picks at run time, f64 for f64 tensors and f32 otherwise.
+pub(crate) fn load_f32<T: WithDType>(x: T) -> f32 {
+    x.to_f64() as f32
+}
+pub(crate) fn store_f32<T: WithDType>(x: f32) -> T {
+    T::from_f64(x as f64)
+}
+pub(crate) fn load_f64<T: WithDType>(x: T) -> f64 {
+    x.to_f64()
+}
+pub(crate) fn store_f64<T: WithDType>(x: f64) -> T {
+    T::from_f64(x)
+}
+
 /// `e^x` in f32, branch-free so that loops over slices vectorise (libm's `expf` is a call per
 /// element, which made exponentials ~7% of a CPU training step). Cody-Waite reduction
 /// `x = n ln2 + r`, `|r| <= ln2 / 2`, then a degree-7 Taylor polynomial for `e^r` (truncation

@@ -1,56 +1,17 @@
-//! CPU kernels: one rayon task per row; each row is read once in the forward (online
-//! logsumexp: running max and rescaled running sum) and once in the backward (softmax from the
-//! saved logsumexp, minus the one-hot, times the row's gradient coefficient).
+//! CPU kernels: one rayon task per row; the forward takes each row's logsumexp (its max, then
+//! the sum of shifted exponentials, while the row is in cache) and the backward reads the row once
+//! (softmax from the saved logsumexp, minus the one-hot, times the row's gradient coefficient).
 //!
 //! Accumulation is f32 for f32/bf16/f16 logits and f64 for f64 logits (so that finite-difference
 //! tests in f64 see f64 precision).
 
 use super::OP;
+use crate::cpu_util::Acc;
 use crate::error::shape_err;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
-use std::ops::{Add, Div, Mul, Sub};
-
-/// The accumulator type: f32 or f64.
-pub(super) trait Acc:
-    Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + Add<Output = Self>
-    + std::ops::AddAssign
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + WithDType
-{
-    const NEG_INF: Self;
-    fn exp(self) -> Self;
-    fn ln(self) -> Self;
-}
-
-impl Acc for f32 {
-    const NEG_INF: Self = f32::NEG_INFINITY;
-    #[inline(always)]
-    fn exp(self) -> Self {
-        crate::cpu_util::fast_exp(self)
-    }
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-}
-
-impl Acc for f64 {
-    const NEG_INF: Self = f64::NEG_INFINITY;
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-}
 
 /// A logits element and its accumulator.
 pub(super) trait Elem: WithDType {

@@ -1,10 +1,10 @@
-//! Softmax CPU kernels: rayon over rows. The forward computes f64 rows in f64 and every other
-//! dtype in f32 with a vectorisable exp (as the f32 reference does); the backward in f64.
+//! Softmax CPU kernels: rayon over rows. The forward works in [`Acc`] precision (f64 for f64
+//! rows, f32 with a vectorisable exp otherwise, as the f32 reference does); the backward in f64.
 
 use candle_core::{Result, WithDType};
 use rayon::prelude::*;
 
-use crate::cpu_util::{zeros, Kernel1, Kernel2};
+use crate::cpu_util::{load_f32, load_f64, store_f32, store_f64, zeros, Acc, Kernel1, Kernel2};
 use crate::error::shape_err;
 
 pub(super) struct Fwd {
@@ -23,46 +23,46 @@ impl Kernel1 for Fwd {
             ));
         }
         let mut y = zeros::<T>(x.len());
-        if T::DTYPE != candle_core::DType::F64 {
-            y.par_chunks_mut(n)
-                .zip(x.par_chunks(n))
-                .for_each_init(Vec::<f32>::new, |e, (y, x)| {
-                    let max = x
-                        .iter()
-                        .map(|v| v.to_f64() as f32)
-                        .fold(f32::NEG_INFINITY, f32::max);
-                    // Exponentials in f32 scratch: half types would round them before the
-                    // division.
-                    e.clear();
-                    e.extend(
-                        x.iter()
-                            .map(|v| crate::cpu_util::fast_exp(v.to_f64() as f32 - max)),
-                    );
-                    let inv = 1.0 / e.iter().sum::<f32>();
-                    for (y, e) in y.iter_mut().zip(e.iter()) {
-                        *y = T::from_f64((e * inv) as f64);
-                    }
-                });
-            return Ok(y);
+        if T::DTYPE == candle_core::DType::F64 {
+            fwd_rows(&mut y, x, n, load_f64::<T>, store_f64::<T>);
+        } else {
+            fwd_rows(&mut y, x, n, load_f32::<T>, store_f32::<T>);
         }
-        y.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .for_each_init(Vec::<f64>::new, |e, (y, x)| {
-                let max = x
-                    .iter()
-                    .map(|v| v.to_f64())
-                    .fold(f64::NEG_INFINITY, f64::max);
-                // Exponentials are kept in f64 scratch: half types would round them before the
-                // division.
-                e.clear();
-                e.extend(x.iter().map(|v| (v.to_f64() - max).exp()));
-                let inv = 1.0 / e.iter().sum::<f64>();
-                for (y, e) in y.iter_mut().zip(e.iter()) {
-                    *y = T::from_f64(e * inv);
-                }
-            });
         Ok(y)
     }
+}
+
+/// Softmax of each row of `x` into `y` in the working precision `A`. The exponentials are kept in
+/// `A` scratch: half types would round them before the division.
+fn fwd_rows<T: WithDType, A: Acc>(
+    y: &mut [T],
+    x: &[T],
+    n: usize,
+    load: fn(T) -> A,
+    store: fn(A) -> T,
+) {
+    y.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .for_each_init(Vec::<A>::new, |e, (y, x)| {
+            let max = x.iter().fold(A::NEG_INF, |m, &v| {
+                let v = load(v);
+                if v > m {
+                    v
+                } else {
+                    m
+                }
+            });
+            e.clear();
+            e.extend(x.iter().map(|&v| (load(v) - max).exp()));
+            let mut sum = A::from_f64(0.0);
+            for &v in e.iter() {
+                sum += v;
+            }
+            let inv = A::from_f64(1.0) / sum;
+            for (y, &e) in y.iter_mut().zip(e.iter()) {
+                *y = store(e * inv);
+            }
+        });
 }
 
 pub(super) struct Bwd {

@@ -6,79 +6,52 @@ use candle_core::{DType, Result, WithDType};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use crate::cpu_util::{fast_exp, filled_vec, Kernel2, Kernel3};
+use crate::cpu_util::{
+    filled_vec, load_f32, load_f64, store_f32, store_f64, Acc, Kernel2, Kernel3,
+};
 use crate::error::shape_err;
 
 /// Elements per rayon task: big enough to amortise scheduling, small enough to balance.
 const CHUNK: usize = 4096;
 
-/// `sigmoid(x)` in the element type's working precision.
-trait Sigmoid: Copy {
-    fn sigmoid(self) -> Self;
-}
-
-impl Sigmoid for f64 {
-    #[inline(always)]
-    fn sigmoid(self) -> f64 {
-        1.0 / (1.0 + (-self).exp())
-    }
-}
-
-impl Sigmoid for f32 {
-    #[inline(always)]
-    fn sigmoid(self) -> f32 {
-        1.0 / (1.0 + fast_exp(-self))
-    }
+/// `1 / (1 + e^-x)` in the working precision.
+#[inline(always)]
+fn sigmoid<A: Acc>(x: A) -> A {
+    let one = A::from_f64(1.0);
+    one / (one + (A::from_f64(0.0) - x).exp())
 }
 
 /// `silu(g) * u` for one chunk, in f32 or f64 arithmetic.
 #[inline(always)]
-fn fwd_chunk<T: WithDType, A>(
+fn fwd_chunk<T: WithDType, A: Acc>(
     y: &mut [MaybeUninit<T>],
     g: &[T],
     u: &[T],
     to: fn(T) -> A,
     from: fn(A) -> T,
-) where
-    A: Sigmoid + std::ops::Mul<Output = A>,
-{
+) {
     for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
         let g = to(g);
-        y.write(from(g * g.sigmoid() * to(u)));
+        y.write(from(g * sigmoid(g) * to(u)));
     }
 }
 
 /// `(dgate, dup)` for one chunk.
 #[inline(always)]
-fn bwd_chunk<T: WithDType, A>(
+fn bwd_chunk<T: WithDType, A: Acc>(
     dg: &mut [MaybeUninit<T>],
     du: &mut [MaybeUninit<T>],
     (g, u, dy): (&[T], &[T], &[T]),
     to: fn(T) -> A,
     from: fn(A) -> T,
-    one: A,
-) where
-    A: Sigmoid + std::ops::Mul<Output = A> + std::ops::Add<Output = A> + std::ops::Sub<Output = A>,
-{
+) {
+    let one = A::from_f64(1.0);
     for ((((dg, du), &g), &u), &dy) in dg.iter_mut().zip(du).zip(g).zip(u).zip(dy) {
         let (g, u, dy) = (to(g), to(u), to(dy));
-        let s = g.sigmoid();
+        let s = sigmoid(g);
         dg.write(from(dy * u * s * (one + g * (one - s))));
         du.write(from(dy * g * s));
     }
-}
-
-fn to32<T: WithDType>(x: T) -> f32 {
-    x.to_f64() as f32
-}
-fn from32<T: WithDType>(x: f32) -> T {
-    T::from_f64(x as f64)
-}
-fn to64<T: WithDType>(x: T) -> f64 {
-    x.to_f64()
-}
-fn from64<T: WithDType>(x: f64) -> T {
-    T::from_f64(x)
 }
 
 pub(super) struct Fwd;
@@ -100,9 +73,9 @@ impl Kernel2 for Fwd {
                 .zip(up.par_chunks(CHUNK))
                 .for_each(|((y, g), u)| {
                     if wide {
-                        fwd_chunk(y, g, u, to64::<T>, from64::<T>)
+                        fwd_chunk(y, g, u, load_f64::<T>, store_f64::<T>)
                     } else {
-                        fwd_chunk(y, g, u, to32::<T>, from32::<T>)
+                        fwd_chunk(y, g, u, load_f32::<T>, store_f32::<T>)
                     }
                 })
         };
@@ -135,9 +108,9 @@ impl Kernel3 for Bwd {
                 .zip(up.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
                 .for_each(|(((dg, du), g), (u, dy))| {
                     if wide {
-                        bwd_chunk(dg, du, (g, u, dy), to64::<T>, from64::<T>, 1.0)
+                        bwd_chunk(dg, du, (g, u, dy), load_f64::<T>, store_f64::<T>)
                     } else {
-                        bwd_chunk(dg, du, (g, u, dy), to32::<T>, from32::<T>, 1.0)
+                        bwd_chunk(dg, du, (g, u, dy), load_f32::<T>, store_f32::<T>)
                     }
                 })
         };
