@@ -237,5 +237,6 @@ fn fused_decode_step_is_cuda_only() {
     // The fused step (lorafuse_ops::fused_decode) applies on CUDA only; everywhere else
     // generation takes the cached Candle forward that the tests above check.
     let model = tiny_model(false, true);
-    assert!(model.fused_decoder(16).unwrap().is_none());
+    let cache = model.new_cache(16);
+    assert!(model.fused_decoder(&cache, 16).unwrap().is_none());
 }

@@ -433,10 +433,7 @@ fn bench_decode(args: &DecodeArgs) -> anyhow::Result<()> {
         let mut next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
         // What `generate` does: the fused CUDA step where it applies (its setup counts as
         // prefill), else Candle's cached forward.
-        let mut fused = model.fused_decoder(prompt.len() + new)?;
-        if let Some(f) = fused.as_mut() {
-            model.load_fused_prefix(&cache, f)?;
-        }
+        let mut fused = model.fused_decoder(&cache, prompt.len() + new)?;
         let t1 = Instant::now();
         for i in 1..new {
             next = match fused.as_mut() {

@@ -14,7 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::{CudaDevice, DType, Device, Result, Storage, Tensor};
 
-use super::DecoderWeights;
+use super::{DecoderWeights, LayerWeights};
 use crate::cuda_util::{driver_err, ptx_module, to_i32, PtxModule};
 use crate::error::OpError;
 
@@ -161,31 +161,31 @@ pub(crate) struct CudaDecoder {
     /// Per-layer cache stride in bytes (`capacity * kv_heads * head_dim` elements).
     layer_cache_bytes: usize,
     graph: Option<CudaGraph>,
-    graph_tried: bool,
+    /// Capture and replay the step as a CUDA graph (on unless `LORAFUSE_CUDA_GRAPH=0`).
+    want_graph: bool,
     graph_error: Option<String>,
 }
 
-/// The address of a contiguous tensor's first element, or `None` when it is not on `dev`'s
-/// CUDA device, not contiguous, of another dtype, or not 16-byte aligned.
-fn tensor_ptr(t: &Tensor, dtype: DType, stream: &CudaStream) -> Result<Option<u64>> {
+/// The address of a contiguous tensor's first element, or `None` when the kernels cannot take it:
+/// not on a CUDA device, not contiguous, of another dtype, or not 16-byte aligned.
+fn tensor_ptr(t: &Tensor, dtype: DType, stream: &CudaStream) -> Option<u64> {
     if t.dtype() != dtype || !t.is_contiguous() {
-        return Ok(None);
+        return None;
     }
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
-        return Ok(None);
+        return None;
     };
-    let Some((start, _)) = layout.contiguous_offsets() else {
-        return Ok(None);
-    };
+    let (start, _) = layout.contiguous_offsets()?;
+    // The dtype was checked above, so the typed views cannot fail.
     let base = match dtype {
-        DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
-        DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(stream).0,
-        DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(stream).0,
-        _ => return Ok(None),
+        DType::F32 => cs.as_cuda_slice::<f32>().ok()?.device_ptr(stream).0,
+        DType::BF16 => cs.as_cuda_slice::<half::bf16>().ok()?.device_ptr(stream).0,
+        DType::F16 => cs.as_cuda_slice::<half::f16>().ok()?.device_ptr(stream).0,
+        _ => return None,
     };
     let ptr = base + (start * dtype.size_in_bytes()) as u64;
-    Ok(ptr.is_multiple_of(16).then_some(ptr))
+    ptr.is_multiple_of(16).then_some(ptr)
 }
 
 fn slice_ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -252,62 +252,38 @@ impl CudaDecoder {
         candle_stream.synchronize().map_err(driver_err(OP))?;
 
         let ptr = |t: &Tensor| tensor_ptr(t, dtype, &stream);
-        let opt = |t: &Option<Tensor>| -> Result<Option<u64>> {
-            match t {
-                None => Ok(Some(0)),
-                Some(t) => ptr(t),
-            }
+        // An absent bias is a null pointer.
+        let opt = |t: &Option<Tensor>| t.as_ref().map_or(Some(0), ptr);
+        let layer_ptrs = |l: &LayerWeights| {
+            Some(LayerPtrs {
+                input_norm: ptr(&l.input_norm)?,
+                q: ptr(&l.q)?,
+                k: ptr(&l.k)?,
+                v: ptr(&l.v)?,
+                q_bias: opt(&l.q_bias)?,
+                k_bias: opt(&l.k_bias)?,
+                v_bias: opt(&l.v_bias)?,
+                o: ptr(&l.o)?,
+                o_bias: opt(&l.o_bias)?,
+                post_norm: ptr(&l.post_norm)?,
+                gate: ptr(&l.gate)?,
+                up: ptr(&l.up)?,
+                down: ptr(&l.down)?,
+                gate_bias: opt(&l.gate_bias)?,
+                up_bias: opt(&l.up_bias)?,
+                down_bias: opt(&l.down_bias)?,
+            })
         };
-        let mut layers = Vec::with_capacity(w.layers.len());
-        for l in &w.layers {
-            let all = [
-                ptr(&l.input_norm)?,
-                ptr(&l.q)?,
-                ptr(&l.k)?,
-                ptr(&l.v)?,
-                opt(&l.q_bias)?,
-                opt(&l.k_bias)?,
-                opt(&l.v_bias)?,
-                ptr(&l.o)?,
-                opt(&l.o_bias)?,
-                ptr(&l.post_norm)?,
-                ptr(&l.gate)?,
-                ptr(&l.up)?,
-                ptr(&l.down)?,
-                opt(&l.gate_bias)?,
-                opt(&l.up_bias)?,
-                opt(&l.down_bias)?,
-            ];
-            let Some(p) = all.iter().copied().collect::<Option<Vec<u64>>>() else {
-                return Ok(None);
-            };
-            layers.push(LayerPtrs {
-                input_norm: p[0],
-                q: p[1],
-                k: p[2],
-                v: p[3],
-                q_bias: p[4],
-                k_bias: p[5],
-                v_bias: p[6],
-                o: p[7],
-                o_bias: p[8],
-                post_norm: p[9],
-                gate: p[10],
-                up: p[11],
-                down: p[12],
-                gate_bias: p[13],
-                up_bias: p[14],
-                down_bias: p[15],
-            });
-        }
+        let Some(layers) = w.layers.iter().map(layer_ptrs).collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
         let (Some(embed), Some(norm), Some(lm_head)) =
-            (ptr(&w.embed)?, ptr(&w.norm)?, ptr(&w.lm_head)?)
+            (ptr(&w.embed), ptr(&w.norm), ptr(&w.lm_head))
         else {
             return Ok(None);
         };
         let f32_ptr = |t: &Tensor| tensor_ptr(t, DType::F32, &stream);
-        let (Some(rope_cos), Some(rope_sin)) = (f32_ptr(&w.rope_cos)?, f32_ptr(&w.rope_sin)?)
-        else {
+        let (Some(rope_cos), Some(rope_sin)) = (f32_ptr(&w.rope_cos), f32_ptr(&w.rope_sin)) else {
             return Ok(None);
         };
 
@@ -398,7 +374,7 @@ impl CudaDecoder {
             pdl: std::env::var_os("LORAFUSE_PDL").is_none_or(|v| v != "0"),
             layer_cache_bytes: layer_cache * elem,
             graph: None,
-            graph_tried: false,
+            want_graph: std::env::var_os("LORAFUSE_CUDA_GRAPH").is_none_or(|v| v != "0"),
             graph_error: None,
         }))
     }
@@ -451,7 +427,7 @@ impl CudaDecoder {
         let bytes = t * kv * hd * self.elem;
         let offset = (layer * self.layer_cache_bytes) as u64;
         for (src, dst) in [(&k, self.ptrs.k_cache), (&v, self.ptrs.v_cache)] {
-            let src_ptr = tensor_ptr(src, dtype, &self.stream)?
+            let src_ptr = tensor_ptr(src, dtype, &self.stream)
                 .ok_or_else(|| kernel_err("load_prefix: keys/values not on the engine's device"))?;
             let dst_ptr = dst + offset;
             // SAFETY: `src` holds `bytes` bytes (t * kv * hd elements, contiguous); the destination
@@ -507,8 +483,8 @@ impl CudaDecoder {
         self.stream
             .memcpy_htod(&state, &mut head)
             .map_err(driver_err(OP))?;
-        if !self.graph_tried && std::env::var_os("LORAFUSE_CUDA_GRAPH").is_none_or(|v| v != "0") {
-            self.graph_tried = true;
+        // Captured at the first step; a refused capture is not retried.
+        if self.want_graph && self.graph.is_none() && self.graph_error.is_none() {
             match self.capture() {
                 Ok(g) => self.graph = Some(g),
                 Err(e) => {

@@ -22,6 +22,39 @@
 #[cfg(feature = "cuda")]
 mod cuda;
 
+/// Without the `cuda` feature no engine can exist: an uninhabited stand-in with the same methods,
+/// so that [`FusedDecoder`] delegates without a `cfg` per method.
+#[cfg(not(feature = "cuda"))]
+mod cuda {
+    use candle_core::{Result, Tensor};
+
+    pub(crate) enum CudaDecoder {}
+
+    impl CudaDecoder {
+        pub(crate) fn new(_: super::DecoderWeights, _: usize) -> Result<Option<Self>> {
+            Ok(None)
+        }
+        pub(crate) fn capacity(&self) -> usize {
+            match *self {}
+        }
+        pub(crate) fn uses_graph(&self) -> bool {
+            match *self {}
+        }
+        pub(crate) fn graph_error(&self) -> Option<&str> {
+            match *self {}
+        }
+        pub(crate) fn load_prefix(&mut self, _: usize, _: &Tensor, _: &Tensor) -> Result<()> {
+            match *self {}
+        }
+        pub(crate) fn step(&mut self, _: u32, _: usize) -> Result<Vec<f32>> {
+            match *self {}
+        }
+        pub(crate) fn step_greedy(&mut self, _: u32, _: usize) -> Result<u32> {
+            match *self {}
+        }
+    }
+}
+
 use candle_core::{Result, Tensor};
 
 /// The weights of one decoder layer, as the checkpoint stores them (`[out, in]` projections).
@@ -73,10 +106,7 @@ pub struct DecoderWeights {
 /// let logits = dec.step(next_token, prompt.len())?;
 /// ```
 pub struct FusedDecoder {
-    #[cfg(feature = "cuda")]
     inner: cuda::CudaDecoder,
-    #[cfg(not(feature = "cuda"))]
-    never: std::convert::Infallible,
 }
 
 impl std::fmt::Debug for FusedDecoder {
@@ -94,91 +124,43 @@ impl FusedDecoder {
     /// kernels do not take (rows not a multiple of 16 bytes, head_dim not a multiple of 32 or past
     /// 256, a head count not divisible by the KV-head count).
     pub fn new(weights: DecoderWeights, capacity: usize) -> Result<Option<Self>> {
-        if !crate::dispatch::fused_enabled()
-            || std::env::var_os("LORAFUSE_FUSED_DECODE").is_some_and(|v| v == "0")
-        {
+        let disabled = std::env::var_os("LORAFUSE_FUSED_DECODE").is_some_and(|v| v == "0");
+        if !crate::dispatch::fused_enabled() || disabled {
             return Ok(None);
         }
-        #[cfg(feature = "cuda")]
-        {
-            Ok(cuda::CudaDecoder::new(weights, capacity)?.map(|inner| Self { inner }))
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (weights, capacity);
-            Ok(None)
-        }
+        Ok(cuda::CudaDecoder::new(weights, capacity)?.map(|inner| Self { inner }))
     }
 
     /// Positions the cache holds.
     pub fn capacity(&self) -> usize {
-        #[cfg(feature = "cuda")]
-        {
-            self.inner.capacity()
-        }
-        #[cfg(not(feature = "cuda"))]
-        match self.never {}
+        self.inner.capacity()
     }
 
     /// True once the step replays as a CUDA graph (after the first step, unless disabled).
     pub fn uses_graph(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        {
-            self.inner.uses_graph()
-        }
-        #[cfg(not(feature = "cuda"))]
-        match self.never {}
+        self.inner.uses_graph()
     }
 
     /// Why the step is not replayed as a CUDA graph, if capture was tried and failed.
     pub fn graph_error(&self) -> Option<&str> {
-        #[cfg(feature = "cuda")]
-        {
-            self.inner.graph_error()
-        }
-        #[cfg(not(feature = "cuda"))]
-        match self.never {}
+        self.inner.graph_error()
     }
 
     /// Copies the keys and values of positions `0..t` of `layer` into the cache: `k` and `v` are
     /// `[t, kv_heads, head_dim]` in the weights' dtype, on the same device (e.g. from a prefill).
     pub fn load_prefix(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        #[cfg(feature = "cuda")]
-        {
-            self.inner.load_prefix(layer, k, v)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (layer, k, v);
-            match self.never {}
-        }
+        self.inner.load_prefix(layer, k, v)
     }
 
     /// [`FusedDecoder::step`] for greedy decoding: the index of the largest logit (the first on
     /// ties), computed on the device, so that only the token id comes back to the host.
     pub fn step_greedy(&mut self, token: u32, pos: usize) -> Result<u32> {
-        #[cfg(feature = "cuda")]
-        {
-            self.inner.step_greedy(token, pos)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (token, pos);
-            match self.never {}
-        }
+        self.inner.step_greedy(token, pos)
     }
 
     /// Runs `token` at position `pos` (its key and value land in the cache at `pos`; the cache
     /// must hold positions `0..pos`) and returns the logits, `vocab` f32 values.
     pub fn step(&mut self, token: u32, pos: usize) -> Result<Vec<f32>> {
-        #[cfg(feature = "cuda")]
-        {
-            self.inner.step(token, pos)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (token, pos);
-            match self.never {}
-        }
+        self.inner.step(token, pos)
     }
 }

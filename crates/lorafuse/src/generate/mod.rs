@@ -114,13 +114,10 @@ pub fn generate(
     let mut logits = last_logits(&model.forward_last(&input, Some(&mut cache))?)?;
     // On CUDA the steps after the prefill run as one fused graph per token where it applies.
     let mut fused = if max_new > 1 {
-        model.fused_decoder(prompt_ids.len() + max_new)?
+        model.fused_decoder(&cache, prompt_ids.len() + max_new)?
     } else {
         None
     };
-    if let Some(dec) = fused.as_mut() {
-        model.load_fused_prefix(&cache, dec)?;
-    }
     let mut first_token_at = None;
     let mut decode_steps = 0;
     // The fused greedy step returns the next token itself (argmax on the device).

@@ -361,10 +361,12 @@ impl Llama {
     }
 
     /// A fused batch-1 decode engine over this model's weights with a KV cache of `capacity`
-    /// positions (see `lorafuse_ops::fused_decode`), or `None` where it does not apply: not on
-    /// CUDA, reference kernels forced, a projection with a live (unmerged) LoRA adapter, or
-    /// shapes the kernels do not take. Callers then use [`Llama::forward_last`] as usual.
-    pub fn fused_decoder(&self, capacity: usize) -> Result<Option<FusedDecoder>> {
+    /// positions (see `lorafuse_ops::fused_decode`), holding the keys and values already in
+    /// `cache` (e.g. after a prefill), so that its next step is position `cache.seq_len()`.
+    /// `None` where it does not apply: not on CUDA, reference kernels forced, a projection with a
+    /// live (unmerged) LoRA adapter, or shapes the kernels do not take. Callers then go on with
+    /// [`Llama::forward_last`] and `cache` as usual.
+    pub fn fused_decoder(&self, cache: &KvCache, capacity: usize) -> Result<Option<FusedDecoder>> {
         if !self.device.is_cuda() || !self.named_linears().iter().all(|(_, s)| s.is_plain()) {
             return Ok(None);
         }
@@ -417,11 +419,9 @@ impl Llama {
             kv_heads: self.cfg.num_key_value_heads,
             head_dim: self.cfg.head_dim,
         };
-        Ok(FusedDecoder::new(weights, capacity)?)
-    }
-
-    /// Copies the keys and values held in `cache` (e.g. after a prefill) into `decoder`.
-    pub fn load_fused_prefix(&self, cache: &KvCache, decoder: &mut FusedDecoder) -> Result<()> {
+        let Some(mut decoder) = FusedDecoder::new(weights, capacity)? else {
+            return Ok(None);
+        };
         for (i, layer) in cache.layers.iter().enumerate() {
             let (Some(k), Some(v)) = (layer.k()?, layer.v()?) else {
                 continue;
@@ -431,7 +431,7 @@ impl Llama {
             let v = v.squeeze(0)?.transpose(0, 1)?;
             decoder.load_prefix(i, &k, &v)?;
         }
-        Ok(())
+        Ok(Some(decoder))
     }
 
     /// The LM head, applied to hidden states (chunked losses call it per chunk).
