@@ -100,11 +100,30 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 // load of a thread in flight at once. 4 packs are 32 floats for half types, 16 for f32.
 constexpr int kRowPacksPerThread = 4;
 
-template <typename T> __device__ __forceinline__ void load_pack(const T* p, float* out) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+// A pack kept as its raw 16 bytes: a row held across a block reduction costs half the registers
+// of its floats for 2-byte types (more resident rows per SM); `unpack` converts when needed.
+template <typename T> __device__ __forceinline__ uint4 load_raw(const T* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+// The same pack from a pointer that may not be 16-byte aligned (`vec` false): element loads.
+template <typename T> __device__ __forceinline__ uint4 load_raw_any(const T* p, bool vec) {
+  if (vec) return load_raw(p);
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < Pack<T>::N; ++k) e[k] = p[k];
+  return raw;
+}
+
+template <typename T> __device__ __forceinline__ void unpack(const uint4& raw, float* out) {
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
   for (int k = 0; k < Pack<T>::N; ++k) out[k] = to_f(e[k]);
+}
+
+template <typename T> __device__ __forceinline__ void load_pack(const T* p, float* out) {
+  unpack<T>(load_raw(p), out);
 }
 
 template <typename T> __device__ __forceinline__ void store_pack(T* p, const float* in) {
@@ -113,6 +132,46 @@ template <typename T> __device__ __forceinline__ void store_pack(T* p, const flo
 #pragma unroll
   for (int k = 0; k < Pack<T>::N; ++k) e[k] = from_f<T>(in[k]);
   *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// store_pack through a pointer that may not be 16-byte aligned (`vec` false).
+template <typename T>
+__device__ __forceinline__ void store_pack_any(T* p, const float* in, bool vec) {
+  if (vec) return store_pack(p, in);
+#pragma unroll
+  for (int k = 0; k < Pack<T>::N; ++k) p[k] = from_f<T>(in[k]);
+}
+
+// Backward row kernels that keep a row (x and dy) in registers and walk rows with a stride of
+// gridDim.x, so each thread owns fixed columns and sums their weight-gradient terms in registers
+// over all its block's rows: one read of x and dy in all, instead of a second pass and a separate
+// column reduction. The kernels are instantiated for 2 and 4 packs per thread (`P`): registers
+// hold P packs of x and dy plus P * 8 f32 sums, so P sets the occupancy; the host picks it.
+
+// Forward row kernels in their persistent form (`<op>_fwd_rows_*`): blocks walk rows
+// r = blockIdx.x, blockIdx.x + gridDim.x, ... and load the next row's packs before reducing the
+// current one, so a block always has loads in flight, even a 1024-thread block alone on its SM.
+// Each thread holds at most kRowPacksPerThread packs of each row (the host checks the fit).
+template <typename T>
+__device__ __forceinline__ void load_row_packs(const T* row, int packs, bool vec,
+                                               uint4 (&raw)[kRowPacksPerThread]) {
+  constexpr int V = Pack<T>::N;
+#pragma unroll
+  for (int j = 0; j < kRowPacksPerThread; ++j) {
+    const int p = threadIdx.x + j * blockDim.x;
+    if (p < packs) raw[j] = load_raw_any(row + p * V, vec);
+  }
+}
+
+// Writes a thread's per-column partial sums (one pack's worth, V floats) to row `blockIdx.x` of a
+// [gridDim.x, n] f32 buffer that column_finish then reduces.
+template <int V> __device__ __forceinline__ void store_partial(float* partial, int n, int col,
+                                                              const float* acc) {
+  float* dst = partial + (size_t)blockIdx.x * n + col;
+#pragma unroll
+  for (int k = 0; k < V; k += 4) {
+    *reinterpret_cast<float4*>(dst + k) = make_float4(acc[k], acc[k + 1], acc[k + 2], acc[k + 3]);
+  }
 }
 
 // Column sums of a [rows, n] matrix in two deterministic stages, for weight/bias gradients.

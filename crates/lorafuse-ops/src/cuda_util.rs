@@ -23,9 +23,9 @@
 // Not every op uses every helper; the set is the shared API, kept whole.
 #![allow(dead_code)]
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, DriverError, LaunchArgs,
     LaunchConfig, ValidAsZeroBits,
@@ -83,6 +83,34 @@ impl Kernel {
                 bytes,
             )
             .map_err(driver_err(op))
+    }
+}
+
+impl Kernel {
+    /// Blocks for a persistent launch of `threads`-thread blocks over `items` work items: as many
+    /// as fit on the card at once (the occupancy the compiled kernel allows, times the SMs), never
+    /// more than `items`, so each block loops over its share and nothing waits for a second wave.
+    /// `None` when not even one block of `threads` fits on an SM (registers).
+    pub fn persistent_grid(
+        &self,
+        threads: u32,
+        items: usize,
+        op: &'static str,
+    ) -> Result<Option<u32>> {
+        let per_sm = self
+            .func
+            .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+            .map_err(driver_err(op))?;
+        if per_sm == 0 {
+            return Ok(None);
+        }
+        let sms = self
+            .stream
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver_err(op))?;
+        let fit = (per_sm as usize) * (sms.max(1) as usize);
+        Ok(Some(fit.min(items.max(1)).min(u32::MAX as usize) as u32))
     }
 }
 
@@ -218,11 +246,12 @@ pub(crate) fn row_launch(n_rows: usize, n_cols: usize, shared_mem_bytes: u32) ->
 /// flight (a row-length-sized block left half its threads idle on half-precision rows), and small
 /// blocks let more rows share an SM. Rows too
 /// long for `kRowPacksPerThread` packs per thread get 1024 threads and the kernels' two-pass path.
+/// `LORAFUSE_ROW_PACKS` (1, 2 or 4) overrides the four packs per thread, for tuning on a new card.
 pub(crate) fn row_launch_packed(n_rows: usize, n_cols: usize, elem_bytes: usize) -> LaunchConfig {
     let pack = (16 / elem_bytes.max(1)).max(1);
     let threads = n_cols
         .div_ceil(pack)
-        .div_ceil(4)
+        .div_ceil(env_packs("LORAFUSE_ROW_PACKS", &ROW_PACKS, 4))
         .next_power_of_two()
         .clamp(32, 1024);
     LaunchConfig {
@@ -230,6 +259,78 @@ pub(crate) fn row_launch_packed(n_rows: usize, n_cols: usize, elem_bytes: usize)
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// The classic register-row forward's kernel for rows of `n_cols`: `<base>8` (8 packs per thread)
+/// for rows of 4 to 8 x 1024 whole packs (f32 rows of 16K-32K values: one read of the row instead
+/// of the two-pass kernel's two), `<base>` otherwise.
+pub(crate) fn row_fwd_kernel(base: &str, n_cols: usize, elem_bytes: usize) -> String {
+    let pack = (16 / elem_bytes.max(1)).max(1);
+    let packs = n_cols / pack;
+    if n_cols.is_multiple_of(pack) && packs > 4 * 1024 && packs <= 8 * 1024 {
+        format!("{base}8")
+    } else {
+        base.to_string()
+    }
+}
+
+static ROW_PACKS: OnceLock<usize> = OnceLock::new();
+
+/// A packs-per-thread setting from the environment (1, 2 or 4), read once; `default` otherwise.
+fn env_packs(var: &str, cell: &OnceLock<usize>, default: usize) -> usize {
+    *cell.get_or_init(
+        || match std::env::var(var).ok().and_then(|v| v.trim().parse().ok()) {
+            Some(p @ (1 | 2 | 4)) => p,
+            _ => default,
+        },
+    )
+}
+
+/// Whether the register-row forwards (rms_norm, layer_norm, softmax) take their persistent form
+/// (`<op>_fwd_rows_*`: blocks walk rows and load the next one during the current one's
+/// reductions) for rows that fit in registers. On an H200 it wins for 2-byte types (bf16
+/// 16384x4096 layer_norm 90 -> 80 us, 16384x32000 888 -> 572 us, where a 1024-thread block sits
+/// alone on its SM) and loses for f32 (16384x4096 rms_norm 134 -> 145 us: twice the row
+/// registers halve the resident blocks), so it is the default for half types only.
+/// `LORAFUSE_ROWS_PERSISTENT=0` turns it off, `=1` turns it on for f32 too.
+pub(crate) fn rows_persistent(elem_bytes: usize) -> bool {
+    static MODE: OnceLock<Option<bool>> = OnceLock::new();
+    let forced = *MODE.get_or_init(
+        || match std::env::var("LORAFUSE_ROWS_PERSISTENT").as_deref() {
+            Ok("0") => Some(false),
+            Ok("1") => Some(true),
+            _ => None,
+        },
+    );
+    forced.unwrap_or(elem_bytes == 2)
+}
+
+/// Launch plans for the norms' register-row backward kernels (`<op>_bwd_rows{2,4}_*`), in order
+/// of preference: `(P, threads)`, the packs per thread the kernel is instantiated for and the
+/// block size that covers a row with them. Two packs a thread first (measured faster than four
+/// on an H200: half the registers, twice the resident rows); four for rows too long for two.
+/// Empty when the row does not split into whole 16-byte packs or exceeds 4 packs x 1024 threads
+/// (the two-pass kernels take it), or when `LORAFUSE_NORM_BWD_ROWS=0` turns the path off. A plan
+/// may still not launch (too many registers for its block size): see [`Kernel::persistent_grid`].
+pub(crate) fn bwd_rows_plans(n_cols: usize, elem_bytes: usize) -> Vec<(usize, u32)> {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    let enabled = *ENABLED
+        .get_or_init(|| std::env::var("LORAFUSE_NORM_BWD_ROWS").map_or(true, |v| v.trim() != "0"));
+    let pack = (16 / elem_bytes.max(1)).max(1);
+    if !enabled || n_cols == 0 || !n_cols.is_multiple_of(pack) {
+        return Vec::new();
+    }
+    let packs = n_cols / pack;
+    [2usize, 4]
+        .into_iter()
+        .filter(|p| packs <= p * 1024)
+        .map(|p| {
+            (
+                p,
+                packs.div_ceil(p).next_power_of_two().clamp(32, 1024) as u32,
+            )
+        })
+        .collect()
 }
 
 /// A grid-stride elementwise launch over `n` elements: 256 threads a block and at most enough

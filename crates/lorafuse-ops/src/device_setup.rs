@@ -10,6 +10,10 @@ use candle_core::{Device, Result};
 /// - tensors stop recording an event per use: Candle runs everything of a device on one stream,
 ///   where stream order already protects every buffer, and the events cost host time per launch.
 ///
+/// With `LORAFUSE_TF32=1`, f32 matrix products (Candle's and the LoRA layers') may also use TF32
+/// tensor cores: inputs rounded to a 10-bit mantissa, f32 accumulation. Off by default, as in
+/// PyTorch (`allow_tf32`); MLX turns it on by default (`MLX_ENABLE_TF32`).
+///
 /// Call it once, before creating tensors (tensors made earlier keep their event tracking). Other
 /// backends need nothing.
 pub fn configure_device(device: &Device) -> Result<()> {
@@ -25,6 +29,9 @@ fn configure_cuda(dev: &candle_core::CudaDevice) -> Result<()> {
     use crate::cuda_util::driver_err;
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
     const OP: &str = "configure_device";
+    if std::env::var("LORAFUSE_TF32").is_ok_and(|v| v.trim() == "1") {
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
     let stream = dev.cuda_stream();
     let ctx = stream.context();
     ctx.bind_to_thread().map_err(driver_err(OP))?;
@@ -67,6 +74,9 @@ fn cuda_pool_attr(
     attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
 ) -> Option<u64> {
     use candle_core::cuda_backend::cudarc::driver::result;
+    if std::env::var("LORAFUSE_TF32").is_ok_and(|v| v.trim() == "1") {
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
     let stream = dev.cuda_stream();
     let ctx = stream.context();
     ctx.bind_to_thread().ok()?;

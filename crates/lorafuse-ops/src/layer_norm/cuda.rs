@@ -1,7 +1,9 @@
 //! LayerNorm CUDA launchers for the kernels in `layer_norm.cu`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16};
@@ -42,7 +44,35 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
     };
     let y = cuda_util::alloc::<T>(dev, rows * n)?;
     let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
-    let k = MODULE.kernel_for(dev, "layer_norm_fwd", T::DTYPE, OP)?;
+    let pack = 16 / std::mem::size_of::<T>();
+    let launch = cuda_util::row_launch_packed(rows, n, std::mem::size_of::<T>());
+    let threads = launch.block_dim.0;
+    if cuda_util::rows_persistent(std::mem::size_of::<T>())
+        && n.is_multiple_of(pack)
+        && n / pack <= 4 * threads as usize
+    {
+        let k = MODULE.kernel_for(dev, "layer_norm_fwd_rows", T::DTYPE, OP)?;
+        if let Some(grid) = k.persistent_grid(threads, rows, OP)? {
+            let rows_i = cuda_util::to_i32(rows, "rows", OP)?;
+            let mut bld = k.builder();
+            bld.arg(&xv).arg(&wv).arg(&bv).arg(&has_bias).arg(&y);
+            bld.arg(&rows_i).arg(&n_i).arg(&eps);
+            let cfg = LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                ..launch
+            };
+            // SAFETY: matches `layer_norm_fwd_rows_*(x, w, b, has_bias, y, rows, n, eps)`; x and
+            // y hold rows * n elements, w and b n; n / pack <= 4 packs x threads was checked.
+            unsafe { bld.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
+            return Ok(cuda_util::wrap(y, dev));
+        }
+    }
+    let k = MODULE.kernel_for(
+        dev,
+        &cuda_util::row_fwd_kernel("layer_norm_fwd", n, std::mem::size_of::<T>()),
+        T::DTYPE,
+        OP,
+    )?;
     let mut bld = k.builder();
     bld.arg(&xv)
         .arg(&wv)
@@ -51,16 +81,9 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
         .arg(&y)
         .arg(&n_i)
         .arg(&eps);
-    // SAFETY: matches `layer_norm_fwd_*(x, w, b, int has_bias, y, int n, float eps)`; x and y
+    // SAFETY: matches `layer_norm_fwd{,8}_*(x, w, b, int has_bias, y, int n, float eps)`; x and y
     // hold rows * n elements, w and b n; one block per row.
-    unsafe {
-        bld.launch(cuda_util::row_launch_packed(
-            rows,
-            n,
-            std::mem::size_of::<T>(),
-        ))
-    }
-    .map_err(cuda_util::driver_err(OP))?;
+    unsafe { bld.launch(launch) }.map_err(cuda_util::driver_err(OP))?;
     Ok(cuda_util::wrap(y, dev))
 }
 
@@ -88,8 +111,44 @@ fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
     let dyv = cuda_util::contiguous_view::<T>(dy, dyl, OP)?;
     let extra = usize::from(want_dw) + usize::from(want_db);
     let mut out = cuda_util::alloc::<T>(dev, (rows + extra) * n)?;
-    let stats = cuda_util::alloc::<f32>(dev, 2 * rows.max(1))?;
     let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
+    for (packs, threads) in cuda_util::bwd_rows_plans(n, std::mem::size_of::<T>()) {
+        let k = MODULE.kernel_for(dev, &format!("layer_norm_bwd_rows{packs}"), T::DTYPE, OP)?;
+        let Some(grid) = k.persistent_grid(threads, rows, OP)? else {
+            continue;
+        };
+        let partial_len = |want: bool| if want { grid as usize * n } else { 1 };
+        let partial_dw = cuda_util::alloc::<f32>(dev, partial_len(want_dw))?;
+        let partial_db = cuda_util::alloc::<f32>(dev, partial_len(want_db))?;
+        let (want_dw_i, want_db_i) = (i32::from(want_dw), i32::from(want_db));
+        let rows_i = cuda_util::to_i32(rows, "rows", OP)?;
+        let mut b = k.builder();
+        b.arg(&xv).arg(&wv).arg(&dyv).arg(&out);
+        b.arg(&partial_dw)
+            .arg(&partial_db)
+            .arg(&want_dw_i)
+            .arg(&want_db_i);
+        b.arg(&rows_i).arg(&n_i).arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `layer_norm_bwd_rows{2,4}_*(x, w, dy, dx, partial_dw, partial_db,
+        // want_dw, want_db, rows, n, eps)`; out holds at least rows * n elements, each partial
+        // grid * n floats when wanted (the kernel writes it only then), and bwd_rows_plans
+        // checked n / pack <= packs * threads.
+        unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
+        let mut next = rows;
+        for (want, partial) in [(want_dw, &partial_dw), (want_db, &partial_db)] {
+            if want {
+                finish::<T>(dev, partial, &mut out, n, next, grid as usize)?;
+                next += 1;
+            }
+        }
+        return Ok(cuda_util::wrap(out, dev));
+    }
+    let stats = cuda_util::alloc::<f32>(dev, 2 * rows.max(1))?;
     {
         let k = MODULE.kernel_for(dev, "layer_norm_bwd", T::DTYPE, OP)?;
         let mut b = k.builder();
@@ -152,7 +211,6 @@ fn column_sum<T: CudaDType + DeviceRepr + WithDType>(
     let rows_i = cuda_util::to_i32(rows, "rows", OP)?;
     let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
     let rpc_i = cuda_util::to_i32(rows_per_chunk, "rows per chunk", OP)?;
-    let chunks_i = cuda_util::to_i32(n_chunks, "chunks", OP)?;
     {
         let k = MODULE.kernel_for(dev, base, T::DTYPE, OP)?;
         let mut b = k.builder();
@@ -167,11 +225,26 @@ fn column_sum<T: CudaDType + DeviceRepr + WithDType>(
         unsafe { b.launch(cuda_util::column_partial_launch(n, n_chunks)) }
             .map_err(cuda_util::driver_err(OP))?;
     }
+    finish::<T>(dev, &partial, out, n, dst_row, n_chunks)
+}
+
+/// Row `dst_row` of `out` as the sum of `n_chunks` rows of f32 partial sums.
+fn finish<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    partial: &CudaSlice<f32>,
+    out: &mut CudaSlice<T>,
+    n: usize,
+    dst_row: usize,
+    n_chunks: usize,
+) -> Result<()> {
+    let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
+    let chunks_i = cuda_util::to_i32(n_chunks, "chunks", OP)?;
     let mut dst = out.slice_mut(dst_row * n..(dst_row + 1) * n);
     let k = MODULE.kernel_for(dev, "layer_norm_bwd_finish", T::DTYPE, OP)?;
     let mut b = k.builder();
-    b.arg(&partial).arg(&mut dst).arg(&n_i).arg(&chunks_i);
-    // SAFETY: matches `layer_norm_bwd_finish_*(partial, out, n, n_chunks)`; dst is one row of n.
+    b.arg(partial).arg(&mut dst).arg(&n_i).arg(&chunks_i);
+    // SAFETY: matches `layer_norm_bwd_finish_*(partial, out, n, n_chunks)`; partial holds
+    // n_chunks * n floats and dst is one row of n.
     unsafe { b.launch(cuda_util::elementwise_launch(n)) }.map_err(cuda_util::driver_err(OP))?;
     Ok(())
 }

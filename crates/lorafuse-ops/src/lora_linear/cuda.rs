@@ -107,6 +107,18 @@ fn int(n: usize) -> Result<i32> {
     crate::cuda_util::to_i32(n, "GEMM dimension", OP)
 }
 
+/// f32 accumulation for every dtype; for f32 storage, TF32 tensor-core products when Candle's
+/// own f32 GEMMs are allowed them (`candle_core::cuda::set_gemm_reduced_precision_f32`, which
+/// `configure_device` sets for `LORAFUSE_TF32=1`), so a LoRA layer never runs at another
+/// precision than the base model's matmuls.
+fn compute_type<T: GemmType>() -> sys::cublasComputeType_t {
+    if T::DTYPE == DType::F32 && candle_core::cuda::gemm_reduced_precision_f32() {
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+    } else {
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+    }
+}
+
 /// `c = alpha * a R + beta * c` for a row-major `a` `[m, k]` and `c` `[m, n]`.
 ///
 /// Row-major `C = A R` is column-major `C^T = R^T A^T`: cuBLAS gets `R` as its first operand
@@ -143,7 +155,7 @@ fn gemm<T: GemmType>(
     let (cp, _c_rec) = c.device_ptr_mut(&stream);
     // SAFETY: the pointers are live device buffers of the sizes checked above (R: k*n, A: m*k,
     // C: m*n elements of T) on the device whose cuBLAS handle (bound to the device's stream) runs
-    // the GEMM; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires; the records keep the
+    // the GEMM; alpha and beta are f32 as CUBLAS_COMPUTE_32F(_FAST_TF32) requires; the records keep the
     // buffers' stream ordering until the call is enqueued.
     unsafe {
         gemm_ex(
@@ -164,7 +176,7 @@ fn gemm<T: GemmType>(
             cp as *mut c_void,
             T::CUDA,
             int(n.max(1))?,
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            compute_type::<T>(),
             sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }

@@ -1,9 +1,11 @@
 //! RMSNorm CUDA launchers for the kernels in `rms_norm.cu`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16};
 
 use crate::cpu_util::layout_rows_cols;
@@ -42,19 +44,39 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
     let wv = cuda_util::contiguous_view::<T>(w, wl, OP)?;
     let y = cuda_util::alloc::<T>(dev, rows * n)?;
     let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
-    let k = MODULE.kernel_for(dev, "rms_norm_fwd", T::DTYPE, OP)?;
+    let pack = 16 / std::mem::size_of::<T>();
+    let launch = cuda_util::row_launch_packed(rows, n, std::mem::size_of::<T>());
+    let threads = launch.block_dim.0;
+    if cuda_util::rows_persistent(std::mem::size_of::<T>())
+        && n.is_multiple_of(pack)
+        && n / pack <= 4 * threads as usize
+    {
+        let k = MODULE.kernel_for(dev, "rms_norm_fwd_rows", T::DTYPE, OP)?;
+        if let Some(grid) = k.persistent_grid(threads, rows, OP)? {
+            let rows_i = cuda_util::to_i32(rows, "rows", OP)?;
+            let mut b = k.builder();
+            b.arg(&xv).arg(&wv).arg(&y).arg(&rows_i).arg(&n_i).arg(&eps);
+            let cfg = LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                ..launch
+            };
+            // SAFETY: matches `rms_norm_fwd_rows_*(x, w, y, rows, n, eps)`; x and y hold
+            // rows * n elements and w holds n; n / pack <= 4 packs x threads was checked.
+            unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
+            return Ok(cuda_util::wrap(y, dev));
+        }
+    }
+    let k = MODULE.kernel_for(
+        dev,
+        &cuda_util::row_fwd_kernel("rms_norm_fwd", n, std::mem::size_of::<T>()),
+        T::DTYPE,
+        OP,
+    )?;
     let mut b = k.builder();
     b.arg(&xv).arg(&wv).arg(&y).arg(&n_i).arg(&eps);
-    // SAFETY: the arguments match `rms_norm_fwd_*(const T*, const T*, T*, int, float)`; x and y
+    // SAFETY: the arguments match `rms_norm_fwd{,8}_*(const T*, const T*, T*, int, float)`; x, y
     // hold rows * n elements and w holds n, and the grid has one block per row.
-    unsafe {
-        b.launch(cuda_util::row_launch_packed(
-            rows,
-            n,
-            std::mem::size_of::<T>(),
-        ))
-    }
-    .map_err(cuda_util::driver_err(OP))?;
+    unsafe { b.launch(launch) }.map_err(cuda_util::driver_err(OP))?;
     Ok(cuda_util::wrap(y, dev))
 }
 
@@ -87,8 +109,33 @@ fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
     let wv = cuda_util::contiguous_view::<T>(w, wl, OP)?;
     let dyv = cuda_util::contiguous_view::<T>(dy, dyl, OP)?;
     let mut out = cuda_util::alloc::<T>(dev, (rows + usize::from(want_dw)) * n)?;
-    let rstd = cuda_util::alloc::<f32>(dev, rows.max(1))?;
     let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
+    for (packs, threads) in cuda_util::bwd_rows_plans(n, std::mem::size_of::<T>()) {
+        let k = MODULE.kernel_for(dev, &format!("rms_norm_bwd_rows{packs}"), T::DTYPE, OP)?;
+        let Some(grid) = k.persistent_grid(threads, rows, OP)? else {
+            continue;
+        };
+        let partial = cuda_util::alloc::<f32>(dev, if want_dw { grid as usize * n } else { 1 })?;
+        let rows_i = cuda_util::to_i32(rows, "rows", OP)?;
+        let want_i = i32::from(want_dw);
+        let mut b = k.builder();
+        b.arg(&xv).arg(&wv).arg(&dyv).arg(&out).arg(&partial);
+        b.arg(&want_i).arg(&rows_i).arg(&n_i).arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `rms_norm_bwd_rows{2,4}_*(x, w, dy, dx, partial, want_dw, rows, n,
+        // eps)`; out holds at least rows * n elements, partial grid * n floats when want_dw (the
+        // kernel writes it only then), and bwd_rows_plans checked n / pack <= packs * threads.
+        unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
+        if want_dw {
+            finish_dw::<T>(dev, &partial, &mut out, rows, n, grid as usize)?;
+        }
+        return Ok(cuda_util::wrap(out, dev));
+    }
+    let rstd = cuda_util::alloc::<f32>(dev, rows.max(1))?;
     {
         let k = MODULE.kernel_for(dev, "rms_norm_bwd", T::DTYPE, OP)?;
         let mut b = k.builder();
@@ -109,7 +156,6 @@ fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
         let partial = cuda_util::alloc::<f32>(dev, n_chunks * n)?;
         let rows_i = cuda_util::to_i32(rows, "rows", OP)?;
         let rpc_i = cuda_util::to_i32(rows_per_chunk, "rows per chunk", OP)?;
-        let chunks_i = cuda_util::to_i32(n_chunks, "chunks", OP)?;
         let k = MODULE.kernel_for(dev, "rms_norm_bwd_dw", T::DTYPE, OP)?;
         let mut b = k.builder();
         b.arg(&xv).arg(&dyv).arg(&rstd).arg(&partial);
@@ -118,13 +164,29 @@ fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
         // partial holds n_chunks * n floats, the grid covers n columns by n_chunks chunks.
         unsafe { b.launch(cuda_util::column_partial_launch(n, n_chunks)) }
             .map_err(cuda_util::driver_err(OP))?;
-        let mut dw = out.slice_mut(rows * n..);
-        let k = MODULE.kernel_for(dev, "rms_norm_bwd_dw_finish", T::DTYPE, OP)?;
-        let mut b = k.builder();
-        b.arg(&partial).arg(&mut dw).arg(&n_i).arg(&chunks_i);
-        // SAFETY: matches `rms_norm_bwd_dw_finish_*(partial, dw, n, n_chunks)`; dw is the last
-        // n elements of out.
-        unsafe { b.launch(cuda_util::elementwise_launch(n)) }.map_err(cuda_util::driver_err(OP))?;
+        finish_dw::<T>(dev, &partial, &mut out, rows, n, n_chunks)?;
     }
     Ok(cuda_util::wrap(out, dev))
+}
+
+/// `dw` (the last `n` elements of `out`, after `rows` rows of dx) as the sum of `n_chunks` rows
+/// of f32 partial sums.
+fn finish_dw<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    partial: &CudaSlice<f32>,
+    out: &mut CudaSlice<T>,
+    rows: usize,
+    n: usize,
+    n_chunks: usize,
+) -> Result<()> {
+    let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
+    let chunks_i = cuda_util::to_i32(n_chunks, "chunks", OP)?;
+    let mut dw = out.slice_mut(rows * n..);
+    let k = MODULE.kernel_for(dev, "rms_norm_bwd_dw_finish", T::DTYPE, OP)?;
+    let mut b = k.builder();
+    b.arg(partial).arg(&mut dw).arg(&n_i).arg(&chunks_i);
+    // SAFETY: matches `rms_norm_bwd_dw_finish_*(partial, dw, n, n_chunks)`; partial holds
+    // n_chunks * n floats and dw is the last n elements of out.
+    unsafe { b.launch(cuda_util::elementwise_launch(n)) }.map_err(cuda_util::driver_err(OP))?;
+    Ok(())
 }

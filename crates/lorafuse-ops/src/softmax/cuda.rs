@@ -1,7 +1,7 @@
 //! Softmax CUDA launchers for the kernels in `softmax.cu`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16};
@@ -32,19 +32,39 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
     let xv = cuda_util::contiguous_view::<T>(x, xl, OP)?;
     let y = cuda_util::alloc::<T>(dev, rows * n)?;
     let n_i = cuda_util::to_i32(n, "row length", OP)?;
-    let k = MODULE.kernel_for(dev, "softmax_fwd", T::DTYPE, OP)?;
+    let pack = 16 / std::mem::size_of::<T>();
+    let launch = cuda_util::row_launch_packed(rows, n, std::mem::size_of::<T>());
+    let threads = launch.block_dim.0;
+    if cuda_util::rows_persistent(std::mem::size_of::<T>())
+        && n.is_multiple_of(pack)
+        && n / pack <= 4 * threads as usize
+    {
+        let k = MODULE.kernel_for(dev, "softmax_fwd_rows", T::DTYPE, OP)?;
+        if let Some(grid) = k.persistent_grid(threads, rows, OP)? {
+            let rows_i = cuda_util::to_i32(rows, "rows", OP)?;
+            let mut b = k.builder();
+            b.arg(&xv).arg(&y).arg(&rows_i).arg(&n_i);
+            let cfg = LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                ..launch
+            };
+            // SAFETY: matches `softmax_fwd_rows_*(const T*, T*, int rows, int n)`; x and y hold
+            // rows * n elements; n / pack <= 4 packs x threads was checked.
+            unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
+            return Ok(cuda_util::wrap(y, dev));
+        }
+    }
+    let k = MODULE.kernel_for(
+        dev,
+        &cuda_util::row_fwd_kernel("softmax_fwd", n, std::mem::size_of::<T>()),
+        T::DTYPE,
+        OP,
+    )?;
     let mut b = k.builder();
     b.arg(&xv).arg(&y).arg(&n_i);
-    // SAFETY: matches `softmax_fwd_*(const T*, T*, int)`; x and y hold rows * n elements, one
+    // SAFETY: matches `softmax_fwd{,8}_*(const T*, T*, int)`; x and y hold rows * n elements, one
     // block per row.
-    unsafe {
-        b.launch(cuda_util::row_launch_packed(
-            rows,
-            n,
-            std::mem::size_of::<T>(),
-        ))
-    }
-    .map_err(cuda_util::driver_err(OP))?;
+    unsafe { b.launch(launch) }.map_err(cuda_util::driver_err(OP))?;
     Ok(cuda_util::wrap(y, dev))
 }
 

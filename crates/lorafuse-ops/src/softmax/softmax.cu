@@ -10,12 +10,15 @@
 //   read writes y. Two reads of x instead of the naive three.
 // - expf, not __expf: the argument x - max is <= 0 and can be large in magnitude, where the fast
 //   intrinsic's error grows with |x|; the kernel is bandwidth-bound so the accurate one is free.
+// - Half-precision rows that fit in registers take softmax_fwd_rows_*, the persistent form (see
+//   load_row_packs in cuda_util.cuh), as the norms do.
 // - Backward needs only y (the forward's output, which autograd keeps anyway) and dy.
 #include "cuda_util.cuh"
 
 using namespace lorafuse;
 
-template <typename T>
+// P: packs per thread of the register path (8 for rows past 4 x 1024 packs: `<op>_fwd8_*`).
+template <typename T, int P = kRowPacksPerThread>
 __device__ __forceinline__ void softmax_fwd_impl(const T* __restrict__ x, T* __restrict__ y,
                                                  int n) {
   __shared__ float scratch[32];
@@ -24,11 +27,11 @@ __device__ __forceinline__ void softmax_fwd_impl(const T* __restrict__ x, T* __r
   T* yr = y + (size_t)blockIdx.x * n;
   const bool vec = n % V == 0 && aligned16(xr) && aligned16(yr);
   const int packs = n / V;
-  if (vec && packs <= kRowPacksPerThread * (int)blockDim.x) {
-    float v[kRowPacksPerThread][V];
+  if (vec && packs <= P * (int)blockDim.x) {
+    float v[P][V];
     float mx = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < kRowPacksPerThread; ++j) {
+    for (int j = 0; j < P; ++j) {
       const int p = threadIdx.x + j * blockDim.x;
       if (p < packs) {
         load_pack(xr + p * V, v[j]);
@@ -39,7 +42,7 @@ __device__ __forceinline__ void softmax_fwd_impl(const T* __restrict__ x, T* __r
     const float row_max = block_max(mx, scratch);
     float sum = 0.f;
 #pragma unroll
-    for (int j = 0; j < kRowPacksPerThread; ++j) {
+    for (int j = 0; j < P; ++j) {
       if (threadIdx.x + j * blockDim.x < packs) {
 #pragma unroll
         for (int k = 0; k < V; ++k) {
@@ -50,7 +53,7 @@ __device__ __forceinline__ void softmax_fwd_impl(const T* __restrict__ x, T* __r
     }
     const float inv = 1.f / block_sum(sum, scratch);
 #pragma unroll
-    for (int j = 0; j < kRowPacksPerThread; ++j) {
+    for (int j = 0; j < P; ++j) {
       const int p = threadIdx.x + j * blockDim.x;
       if (p < packs) {
 #pragma unroll
@@ -100,6 +103,61 @@ __device__ __forceinline__ void softmax_fwd_impl(const T* __restrict__ x, T* __r
   }
 }
 
+// Persistent form of the register-row forward (see load_row_packs in cuda_util.cuh); the host
+// checks n % V == 0 and n / V <= P * blockDim.x. The row stays raw in
+// registers, so the exponentials are taken twice (for the sum, then for the output): free in a
+// bandwidth-bound kernel, and half the registers of keeping them.
+template <typename T>
+__device__ __forceinline__ void softmax_fwd_rows_impl(const T* __restrict__ x, T* __restrict__ y,
+                                                      int rows, int n) {
+  __shared__ float scratch[32];
+  constexpr int V = Pack<T>::N;
+  const int packs = n / V;
+  const bool vec = aligned16(x) && aligned16(y);
+  uint4 cur[kRowPacksPerThread], next[kRowPacksPerThread];
+  int r = blockIdx.x;
+  if (r < rows) load_row_packs(x + (size_t)r * n, packs, vec, cur);
+  for (; r < rows; r += gridDim.x) {
+    const int rn = r + gridDim.x;
+    if (rn < rows) load_row_packs(x + (size_t)rn * n, packs, vec, next);
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kRowPacksPerThread; ++j) {
+      if (threadIdx.x + j * blockDim.x < packs) {
+        float v[V];
+        unpack<T>(cur[j], v);
+#pragma unroll
+        for (int k = 0; k < V; ++k) mx = fmaxf(mx, v[k]);
+      }
+    }
+    const float row_max = block_max(mx, scratch);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kRowPacksPerThread; ++j) {
+      if (threadIdx.x + j * blockDim.x < packs) {
+        float v[V];
+        unpack<T>(cur[j], v);
+#pragma unroll
+        for (int k = 0; k < V; ++k) sum += expf(v[k] - row_max);
+      }
+    }
+    const float inv = 1.f / block_sum(sum, scratch);
+    T* yr = y + (size_t)r * n;
+#pragma unroll
+    for (int j = 0; j < kRowPacksPerThread; ++j) {
+      const int p = threadIdx.x + j * blockDim.x;
+      if (p < packs) {
+        float v[V];
+        unpack<T>(cur[j], v);
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] = expf(v[k] - row_max) * inv;
+        store_pack_any(yr + p * V, v, vec);
+      }
+      cur[j] = next[j];
+    }
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void softmax_bwd_impl(const T* __restrict__ y, const T* __restrict__ dy,
                                                  T* __restrict__ dx, int n) {
@@ -143,6 +201,14 @@ __device__ __forceinline__ void softmax_bwd_impl(const T* __restrict__ y, const 
   extern "C" __global__ void softmax_fwd_##S(const T* x, T* y, int n) {                   \
     softmax_fwd_impl<T>(x, y, n);                                                         \
   }                                                                                       \
+  extern "C" __global__ void __launch_bounds__(1024)                                       \
+      softmax_fwd8_##S(const T* x, T* y, int n) {                                          \
+    softmax_fwd_impl<T, 8>(x, y, n);                                                         \
+  }                                                                                       \
+  extern "C" __global__ void __launch_bounds__(1024)                                        \
+      softmax_fwd_rows_##S(const T* x, T* y, int rows, int n) {                              \
+    softmax_fwd_rows_impl<T>(x, y, rows, n);                                                 \
+  }                                                                                              \
   extern "C" __global__ void softmax_bwd_##S(const T* y, const T* dy, T* dx, int n) {     \
     softmax_bwd_impl<T>(y, dy, dx, n);                                                    \
   }

@@ -11,7 +11,17 @@ use lorafuse_ops::{add_rms_norm, layer_norm, rms_norm, set_kernel_mode, KernelMo
 
 const EPS: f64 = 1e-5;
 const FWD_SHAPES: &[&[usize]] = &[&[1, 1], &[5, 123, 123], &[3, 7, 1000], &[2, 4, 37, 64]];
-const BWD_SHAPES: &[&[usize]] = &[&[1, 1], &[4, 7, 33], &[3, 2, 1000], &[2, 17, 64]];
+// [3, 2000, 64]: on CUDA, more rows than resident blocks, so each block of the register-row
+// backward sums several rows' weight gradients; [2, 20000]: past 2 packs x 1024 threads in
+// half precision (the 4-pack kernel), past 4 in f32 (the two-pass kernels).
+const BWD_SHAPES: &[&[usize]] = &[
+    &[1, 1],
+    &[4, 7, 33],
+    &[3, 2, 1000],
+    &[2, 17, 64],
+    &[3, 2000, 64],
+    &[2, 20000],
+];
 
 fn rms_fused(t: &[Tensor]) -> Result<Tensor> {
     rms_norm_fused(&t[0], &t[1], EPS)
