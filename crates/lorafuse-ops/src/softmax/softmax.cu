@@ -10,8 +10,8 @@
 //   read writes y. Two reads of x instead of the naive three.
 // - expf, not __expf: the argument x - max is <= 0 and can be large in magnitude, where the fast
 //   intrinsic's error grows with |x|; the kernel is bandwidth-bound so the accurate one is free.
-// - Half-precision rows that fit in registers take softmax_fwd_rows_*, the persistent form (see
-//   load_row_packs in cuda_util.cuh), as the norms do.
+// - Long half-precision rows that fit in registers (blocks of 512+ threads) take
+//   softmax_fwd_rows_*, the persistent form (see load_row_packs in cuda_util.cuh).
 // - Backward needs only y (the forward's output, which autograd keeps anyway) and dy.
 #include "cuda_util.cuh"
 
