@@ -23,7 +23,8 @@
 // Not every op uses every helper; the set is the shared API, kept whole.
 #![allow(dead_code)]
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
@@ -60,7 +61,13 @@ pub(crate) use ptx_module;
 pub(crate) struct Kernel {
     func: CudaFunction,
     stream: Arc<CudaStream>,
+    /// `<module>.<function>`: the key of the launch-shape caches.
+    name: String,
 }
+
+/// Blocks per SM and SM count of a (kernel, block size, device): driver queries that cost host
+/// time on every launch otherwise, for answers that never change.
+type FitCache = Mutex<HashMap<(String, u32, usize), (u32, u32)>>;
 
 impl Kernel {
     /// The loaded function, for launches on a stream of the caller's own.
@@ -97,19 +104,32 @@ impl Kernel {
         items: usize,
         op: &'static str,
     ) -> Result<Option<u32>> {
-        let per_sm = self
-            .func
-            .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
-            .map_err(driver_err(op))?;
+        static FIT: OnceLock<FitCache> = OnceLock::new();
+        let ctx = self.stream.context();
+        let key = (self.name.clone(), threads, ctx.ordinal());
+        let cache = FIT.get_or_init(|| Mutex::new(HashMap::new()));
+        let cached = cache.lock().ok().and_then(|c| c.get(&key).copied());
+        let (per_sm, sms) = match cached {
+            Some(fit) => fit,
+            None => {
+                let per_sm = self
+                    .func
+                    .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+                    .map_err(driver_err(op))?;
+                let sms = ctx
+                    .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                    .map_err(driver_err(op))?;
+                let fit = (per_sm, sms.max(1) as u32);
+                if let Ok(mut c) = cache.lock() {
+                    c.insert(key, fit);
+                }
+                fit
+            }
+        };
         if per_sm == 0 {
             return Ok(None);
         }
-        let sms = self
-            .stream
-            .context()
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(driver_err(op))?;
-        let fit = (per_sm as usize) * (sms.max(1) as usize);
+        let fit = per_sm as usize * sms as usize;
         Ok(Some(fit.min(items.max(1)).min(u32::MAX as usize) as u32))
     }
 }
@@ -123,6 +143,7 @@ impl PtxModule {
         Ok(Kernel {
             func,
             stream: dev.cuda_stream(),
+            name: format!("{}.{fn_name}", self.name),
         })
     }
 
