@@ -3,7 +3,7 @@
 //! `benches/embed_peer.py` in the same session for the figures to compare).
 //!
 //! `cargo bench -p lorafuse-cli --bench embed -- [--model DIR] [--device D] [--dtype T]
-//! [--repeat R] [--sizes 1,32,1000]` prints one JSON line per size. `--repeat R` repeats the base sentence R times (1: 29 tokens per
+//! [--repeat R] [--sizes 1,32,1000] [--quantize bf16]` prints one JSON line per size. `--repeat R` repeats the base sentence R times (1: 29 tokens per
 //! document as in peers_infer.py; 2: 53 tokens).
 
 use candle_core::Device;
@@ -32,6 +32,10 @@ struct Args {
     /// Minimum timed passes per size (more for small sizes: at least 200 documents in all).
     #[arg(long, default_value_t = 3)]
     min_reps: usize,
+    /// Quantized copy of the encoder's projections (bf16, q8_0, q4_1, q4_0), as `lorafuse embed
+    /// --quantize`. Default: the dense weights.
+    #[arg(long)]
+    quantize: Option<lorafuse::models::QuantFormat>,
     /// Documents per forward pass (default: the peer's `min(docs, 256)`).
     #[arg(long)]
     batch_size: Option<usize>,
@@ -59,6 +63,9 @@ fn main() -> anyhow::Result<()> {
         args.model.clone()
     };
     let mut emb = Embedder::load(&model, &device, dtype)?;
+    if let Some(format) = args.quantize {
+        emb.quantize(format)?;
+    }
     let doc =
         "Low-rank adaptation freezes the pretrained weights and trains small matrices in each \
                layer, which makes fine-tuning cheap. "
@@ -90,6 +97,7 @@ fn main() -> anyhow::Result<()> {
             serde_json::json!({
                 "impl": "lorafuse", "model": "all-MiniLM-L6-v2",
                 "device": lorafuse::device::device_name(&device), "dtype": args.dtype,
+                "quantize": args.quantize.map(|q| q.name()),
                 "kernels": format!("{:?}", lorafuse_ops::kernel_mode()),
                 "docs": n, "tokens_per_doc": tokens, "reps": reps,
                 "ms": (mean * 1e5).round() / 100.0, "best_ms": (best * 1e5).round() / 100.0,

@@ -109,6 +109,51 @@ fn minilm_peft_adapter_matches_sentence_transformers_with_peft_on_cpu_f32() {
     assert!(max_abs_diff(&emb.encode(&texts).unwrap(), &got) <= 1e-6);
 }
 
+/// The same adapter on a bf16-quantized encoder (`lorafuse embed --quantize bf16 --adapter`):
+/// the base projections run on their bf16 copies and the adapters add their f32 deltas.
+#[test]
+fn minilm_peft_adapter_on_a_bf16_encoder_stays_within_1e_4_of_peft() {
+    let Some(dir) = minilm() else { return };
+    let (_, cases) = reference();
+    let texts: Vec<&str> = cases.iter().map(|c| c.text.as_str()).collect();
+    let mut emb = Embedder::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    emb.quantize(lorafuse::models::QuantFormat::Bf16).unwrap();
+    emb.load_adapter(&fixtures().join("minilm_peft_adapter"), "peft")
+        .unwrap();
+    let got = emb.encode(&texts).unwrap();
+    let mut worst = 1.0f64;
+    for (c, g) in cases.iter().zip(&got) {
+        let cos = cosine(g, &c.adapted);
+        worst = worst.min(cos);
+        assert!(cos >= 0.9999, "cosine {cos} to PEFT for {:?}", c.text);
+        assert!(
+            cosine(g, &c.base) < 0.99,
+            "adapter inactive for {:?}",
+            c.text
+        );
+    }
+    // The bf16 copies really ran under the adapters: the vectors differ from the dense ones.
+    let mut dense = Embedder::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    dense
+        .load_adapter(&fixtures().join("minilm_peft_adapter"), "peft")
+        .unwrap();
+    let moved = max_abs_diff(&got, &dense.encode(&texts).unwrap());
+    println!("minilm + PEFT adapter, cpu bf16 weights: min cosine {worst:.8} (max abs diff to dense {moved:.3e})");
+    assert!(
+        moved > 1e-5,
+        "bf16 embeddings equal the dense ones ({moved})"
+    );
+    // Quantizing once adapters wrap the projections is refused, naming one.
+    let err = emb
+        .quantize(lorafuse::models::QuantFormat::Bf16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("encoder.layer.0") && err.contains("adapters"),
+        "{err}"
+    );
+}
+
 const TEXTS: [&str; 4] = ["the cat sat on the mat", "a dog", "", "dog ran far away"];
 
 fn tiny_embedder(dir: &Path) -> Embedder {

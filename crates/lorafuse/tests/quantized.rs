@@ -60,6 +60,7 @@ fn quantized_forward_matches_dense_within_quantization_error() {
     let want = dense.forward(&x).unwrap();
     let scale = max_abs(&want);
     for (format, tol) in [
+        (QuantFormat::Bf16, 0.01),
         (QuantFormat::Q8_0, 0.01),
         (QuantFormat::Q4_1, 0.08),
         (QuantFormat::Q4_0, 0.12),
@@ -92,6 +93,38 @@ fn quantize_rejects_widths_that_are_not_multiples_of_64() {
         "{msg}"
     );
     assert!(l.quantized().is_none());
+}
+
+#[test]
+fn bf16_takes_any_width_and_stays_within_bf16_rounding() {
+    // An odd width: no blocks, only pairs of inputs (the last one zero-padded).
+    let (mut l, x) = layer_and_input(21, 97);
+    let want = l.forward(&x).unwrap();
+    l.quantize("layer", QuantFormat::Bf16).unwrap();
+    let q = l.quantized().unwrap();
+    assert_eq!(q.size_in_bytes(), 32 * 98 * 2); // two panels of 16 columns, 49 pairs
+    let got = l.forward(&x).unwrap();
+    assert_eq!(got.dims(), want.dims());
+    // Weights and inputs each within 2^-8 of f32: terms within 2^-7 (relative), so the
+    // product within 2^-7 of the sum of |terms| (plus f32 summation, far below).
+    let abs = x
+        .abs()
+        .unwrap()
+        .broadcast_matmul(&l.weight.abs().unwrap().t().unwrap())
+        .unwrap();
+    let bound = (abs * (2f64.powi(-7) + 1e-5)).unwrap();
+    let excess = ((&got - &want).unwrap().abs().unwrap() - bound).unwrap();
+    assert!(max_signed(&excess) <= 0.0, "error beyond bf16 rounding");
+    assert!(max_abs_diff(&got, &want) > 0.0, "bf16 copy not used");
+}
+
+fn max_signed(t: &Tensor) -> f32 {
+    t.flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]

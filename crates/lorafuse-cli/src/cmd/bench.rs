@@ -41,6 +41,10 @@ pub struct EmbedBenchArgs {
     /// Repeat the peers' sentence this many times per document (1: ~29 tokens, 2: ~53).
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
+    /// Time the encoder with a quantized copy of its projections, as `lorafuse embed
+    /// --quantize` runs it (bf16, q8_0, q4_1, q4_0; CPU only). Default: the dense weights.
+    #[arg(long, value_name = "FORMAT", value_parser = super::common::parse_quant_format)]
+    pub quantize: Option<lorafuse::models::QuantFormat>,
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -600,6 +604,9 @@ fn bench_embed(args: &EmbedBenchArgs) -> anyhow::Result<()> {
     let dev = lorafuse::device::parse_device(Some(&args.device))?;
     let dtype = lorafuse::device::parse_dtype(&args.dtype)?;
     let mut embedder = lorafuse::embed::Embedder::load(&args.model, &dev, dtype)?;
+    if let Some(format) = args.quantize {
+        super::embed::quantize_embedder(&mut embedder, format)?;
+    }
     // The peers' documents: one sentence plus a number, ~29 tokens each.
     let doc = "Low-rank adaptation freezes the pretrained weights and trains small matrices in each layer, which makes fine-tuning cheap. ";
     let doc = doc.repeat(args.repeat.max(1));
@@ -618,7 +625,7 @@ fn bench_embed(args: &EmbedBenchArgs) -> anyhow::Result<()> {
         dev.synchronize()?;
         let s = t.elapsed().as_secs_f64() / reps as f64;
         let r = serde_json::json!({"impl": "lorafuse", "device": lorafuse::device::device_name(&dev),
-            "dtype": args.dtype, "docs": n, "tokens_per_doc": tokens, "ms": s * 1e3,
+            "dtype": args.dtype, "quantize": args.quantize.map(|q| q.name()), "docs": n, "tokens_per_doc": tokens, "ms": s * 1e3,
             "docs_per_s": n as f64 / s});
         println!("{r}");
         rows.push(r);

@@ -90,11 +90,7 @@ impl Linear {
         if x.track_op() {
             return Ok(None);
         }
-        let y = q.matmul_t(x)?;
-        Ok(Some(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        }))
+        Ok(Some(q.forward(x, self.bias.as_ref())?))
     }
 
     /// `(out, in)`.

@@ -2,6 +2,7 @@
 //! `lora::apply_lora` replaces by module path.
 
 pub mod bert;
+mod bf16_gemm;
 mod gemv_pool;
 pub mod linear;
 pub mod llama;

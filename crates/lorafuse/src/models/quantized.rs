@@ -5,6 +5,10 @@
 //! 3.6x (q8_0) to 6x (q4_0); the products run as i8 block dot products ([`super::qgemv`]), the
 //! activations being quantized per 32-block on the fly (as llama.cpp does).
 //!
+//! Batched encoding (sentence embeddings) is bound by multiply-adds instead, and there int8
+//! activations cost too much accuracy; `bf16` keeps a bf16 copy multiplied by a register-tiled
+//! GEMM with f32 accumulation ([`super::bf16_gemm`]).
+//!
 //! The quantized copy lives beside the dense weight in [`Linear`]; models never see it. It is only
 //! used when the input tracks no gradient (inference), and only while the dense weight is the very
 //! tensor it was made from: merging an adapter replaces the weight, which retires the stale copy
@@ -18,6 +22,7 @@
 //! thread shares rows with [`super::gemv_pool`]'s helpers without ever waiting for one that has
 //! not started, and the scales are f32.
 
+use super::bf16_gemm::{self, Bf16Matrix};
 use super::gemv_pool::{self, RowJob};
 use super::linear::Linear;
 use super::qgemv::{QActs, QMatrix, K_MULTIPLE};
@@ -28,11 +33,16 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-/// A block format for frozen weights: llama.cpp's q8_0, q4_1 and q4_0 schemes (blocks of 32
+/// A format for frozen weights: llama.cpp's q8_0, q4_1 and q4_0 block schemes (blocks of 32
 /// input columns; the k-quants' blocks of 256 do not divide SmolLM2's width of 576), with f32
-/// scales. Input widths must be multiples of 64.
+/// scales, whose input widths must be multiples of 64; or plain bf16, any width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantFormat {
+    /// bf16 weights (round to nearest even), 2 bytes per weight; activations are rounded to bf16
+    /// per product and products accumulate in f32 (AVX512-BF16 or AVX-512F, detected at run
+    /// time). For batched encoding, which is bound by multiply-adds, not bytes: near-lossless,
+    /// and the tiled GEMM beats the block formats' row-by-row products there.
+    Bf16,
     /// 8-bit values, one scale per block of 32: 1.125 bytes per weight, near-lossless.
     Q8_0,
     /// 4-bit values, a scale and a minimum per block of 32: 0.75 bytes per weight. Exact for
@@ -44,21 +54,30 @@ pub enum QuantFormat {
 
 impl QuantFormat {
     /// Every format, as the CLI lists them.
-    pub const ALL: [QuantFormat; 3] = [QuantFormat::Q8_0, QuantFormat::Q4_1, QuantFormat::Q4_0];
+    pub const ALL: [QuantFormat; 4] = [
+        QuantFormat::Bf16,
+        QuantFormat::Q8_0,
+        QuantFormat::Q4_1,
+        QuantFormat::Q4_0,
+    ];
 
     /// The name used on the command line and in GGUF files.
     pub fn name(self) -> &'static str {
         match self {
+            QuantFormat::Bf16 => "bf16",
             QuantFormat::Q8_0 => "q8_0",
             QuantFormat::Q4_1 => "q4_1",
             QuantFormat::Q4_0 => "q4_0",
         }
     }
 
-    /// What the input width of a quantized weight must be a multiple of (two blocks of 32:
-    /// q4 packs block pairs).
+    /// What the input width of a quantized weight must be a multiple of (two blocks of 32 for
+    /// the block formats: q4 packs block pairs; any width for bf16).
     pub fn width_multiple(self) -> usize {
-        K_MULTIPLE
+        match self {
+            QuantFormat::Bf16 => 1,
+            _ => K_MULTIPLE,
+        }
     }
 }
 
@@ -85,10 +104,17 @@ impl FromStr for QuantFormat {
     }
 }
 
+/// The storage of a quantized copy.
+#[derive(Debug, Clone)]
+enum Storage {
+    Blocks(Arc<QMatrix>),
+    Bf16(Arc<Bf16Matrix>),
+}
+
 /// A quantized copy of a dense `[out, in]` weight, tied to the tensor it was made from.
 #[derive(Debug, Clone)]
 pub struct QuantizedWeight {
-    blocks: Arc<QMatrix>,
+    storage: Storage,
     out_dim: usize,
     in_dim: usize,
     source: TensorId,
@@ -119,13 +145,14 @@ impl QuantizedWeight {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let blocks = match format {
-            QuantFormat::Q8_0 => QMatrix::q8(&w),
-            QuantFormat::Q4_1 => QMatrix::q4_1(&w),
-            QuantFormat::Q4_0 => QMatrix::q4_0(&w),
+        let storage = match format {
+            QuantFormat::Bf16 => Storage::Bf16(Arc::new(Bf16Matrix::new(&w, out_dim, in_dim))),
+            QuantFormat::Q8_0 => Storage::Blocks(Arc::new(QMatrix::q8(&w))),
+            QuantFormat::Q4_1 => Storage::Blocks(Arc::new(QMatrix::q4_1(&w))),
+            QuantFormat::Q4_0 => Storage::Blocks(Arc::new(QMatrix::q4_0(&w))),
         };
         Ok(Self {
-            blocks: Arc::new(blocks),
+            storage,
             out_dim,
             in_dim,
             source: weight.id(),
@@ -142,14 +169,23 @@ impl QuantizedWeight {
         self.format
     }
 
-    /// Bytes of the quantized blocks: what one product reads instead of the dense weight.
+    /// Bytes of the quantized copy: what one product reads instead of the dense weight.
     pub fn size_in_bytes(&self) -> usize {
-        self.blocks.size_in_bytes()
+        match &self.storage {
+            Storage::Blocks(b) => b.size_in_bytes(),
+            Storage::Bf16(m) => m.size_in_bytes(),
+        }
     }
 
-    /// `x [.., in] -> x W^T [.., out]` on the quantized blocks, in `x`'s dtype (computed in
-    /// f32). No gradient flows through it.
+    /// `x [.., in] -> x W^T [.., out]` on the quantized copy, in `x`'s dtype (computed in f32).
+    /// No gradient flows through it.
     pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward(x, None)
+    }
+
+    /// [`QuantizedWeight::matmul_t`] plus `bias` (`[out]`), which the bf16 product adds as it
+    /// gathers its output blocks.
+    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let dims = x.dims();
         if dims.last() != Some(&self.in_dim) {
             candle_core::bail!(
@@ -158,24 +194,42 @@ impl QuantizedWeight {
                 self.in_dim
             );
         }
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let acts = QActs::new(&xs, self.in_dim);
-        let rows = acts.rows();
-        let job = BlockGemv {
-            w: self.blocks.clone(),
-            x: acts,
-        };
-        let out = gemv_pool::run(Arc::new(job), self.out_dim, rows);
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_dim;
         }
-        Tensor::from_vec(out, out_dims, x.device())?.to_dtype(x.dtype())
+        let y = match &self.storage {
+            Storage::Bf16(w) => {
+                let b = bias
+                    .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+                    .transpose()?;
+                let out = bf16_gemm::matmul(w, x, b.as_deref())?;
+                return Tensor::from_vec(out, out_dims, x.device())?.to_dtype(x.dtype());
+            }
+            Storage::Blocks(w) => {
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let acts = QActs::new(&xs, self.in_dim);
+                let rows = acts.rows();
+                let job = BlockGemv {
+                    w: w.clone(),
+                    x: acts,
+                };
+                let out = gemv_pool::run(Arc::new(job), self.out_dim, rows);
+                Tensor::from_vec(out, out_dims, x.device())?.to_dtype(x.dtype())?
+            }
+        };
+        match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 
-    /// The weight as the quantized blocks represent it, `[out, in]`, f32.
+    /// The weight as the quantized copy represents it, `[out, in]`, f32.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
-        let w = self.blocks.dequantize();
+        let w = match &self.storage {
+            Storage::Blocks(b) => b.dequantize(),
+            Storage::Bf16(m) => m.dequantize(),
+        };
         Tensor::from_vec(w, (self.out_dim, self.in_dim), &candle_core::Device::Cpu)
     }
 }
