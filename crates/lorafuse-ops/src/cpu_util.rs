@@ -177,6 +177,7 @@ pub(crate) trait Acc:
     const NEG_INF: Self;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
 }
 
 impl Acc for f32 {
@@ -188,6 +189,9 @@ impl Acc for f32 {
     fn ln(self) -> Self {
         f32::ln(self)
     }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
 }
 
 impl Acc for f64 {
@@ -198,6 +202,35 @@ impl Acc for f64 {
     fn ln(self) -> Self {
         f64::ln(self)
     }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+/// `sum(f(load(v)))` over `x` in the working precision, with 16 partial sums so that the loop
+/// vectorises (one accumulator is a serial chain of dependent adds).
+#[inline(always)]
+pub(crate) fn row_sum<T: WithDType, A: Acc>(
+    x: &[T],
+    load: impl Fn(T) -> A + Sync + Copy,
+    f: impl Fn(A) -> A,
+) -> A {
+    let zero = A::from_f64(0.0);
+    let mut acc = [zero; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(load(v));
+        }
+    }
+    let mut s = zero;
+    for &v in chunks.remainder() {
+        s += f(load(v));
+    }
+    for a in acc {
+        s += a;
+    }
+    s
 }
 
 /// A storage element as its working-precision value, and back: the (load, store) pair a kernel

@@ -1,9 +1,13 @@
-//! LayerNorm CPU kernels: rayon over rows, two-pass statistics in f64.
+//! LayerNorm CPU kernels: rayon over rows, two-pass statistics. The forward works in [`Acc`]
+//! precision (f32 for f32 and half types, vectorised; f64 for f64): it runs on every BERT layer
+//! of an embedding pass, where a scalar f64 loop was 15% of the time. The backward keeps f64.
 
 use candle_core::{Result, WithDType};
 use rayon::prelude::*;
 
-use crate::cpu_util::{zeros, Kernel2, Kernel3};
+use crate::cpu_util::{
+    load_f32, load_f64, row_sum, store_f32, store_f64, zeros, Acc, Kernel2, Kernel3,
+};
 use crate::error::shape_err;
 
 /// Rows per task of the parameter-gradient reductions: fixed, so the summation order (and the
@@ -42,14 +46,44 @@ fn forward<T: WithDType>(x: &[T], w: &[T], b: Option<&[T]>, eps: f64) -> Result<
         return Err(shape_err("layer_norm", "bias and weight lengths differ"));
     }
     let mut y = zeros::<T>(x.len());
+    if T::DTYPE == candle_core::DType::F64 {
+        fwd_rows(&mut y, x, (w, b), eps, load_f64::<T>, store_f64::<T>);
+    } else {
+        fwd_rows(&mut y, x, (w, b), eps, load_f32::<T>, store_f32::<T>);
+    }
+    Ok(y)
+}
+
+/// `y = (x - mean) * rstd * w + b` row by row, statistics in the working precision `A`.
+fn fwd_rows<T: WithDType, A: Acc>(
+    y: &mut [T],
+    x: &[T],
+    (w, b): (&[T], Option<&[T]>),
+    eps: f64,
+    load: impl Fn(T) -> A + Sync + Copy,
+    store: impl Fn(A) -> T + Sync + Copy,
+) {
+    let n = w.len();
+    let nf = A::from_f64(n as f64);
+    let eps = A::from_f64(eps);
+    let one = A::from_f64(1.0);
     y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
-        let (mean, rstd) = stats(x, eps);
-        for (j, (y, x)) in y.iter_mut().zip(x).enumerate() {
-            let bias = b.map_or(0.0, |b| b[j].to_f64());
-            *y = T::from_f64((x.to_f64() - mean) * rstd * w[j].to_f64() + bias);
+        let mean = row_sum(x, load, |v| v) / nf;
+        let var = row_sum(x, load, |v| (v - mean) * (v - mean)) / nf;
+        let rstd = one / (var + eps).sqrt();
+        match b {
+            Some(b) => {
+                for ((y, &x), (&w, &b)) in y.iter_mut().zip(x).zip(w.iter().zip(b)) {
+                    *y = store((load(x) - mean) * rstd * load(w) + load(b));
+                }
+            }
+            None => {
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                    *y = store((load(x) - mean) * rstd * load(w));
+                }
+            }
         }
     });
-    Ok(y)
 }
 
 pub(super) struct Fwd {

@@ -7,10 +7,11 @@
 //! output, scaled low-rank output and bias are combined in one pass over `y`.
 
 use super::OP;
+use crate::cpu_util::{load_f32, load_f64, store_f32, store_f64, Acc};
 use crate::error::shape_err;
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Which terms of `x R0 + bias + s P R2` an op evaluates.
@@ -181,7 +182,10 @@ pub(super) fn fwd_generic<S: EngineStorage>(
     Ok((y, Shape::from((rows, n))))
 }
 
-/// One pass over `y`: `y = c0 y + s low + bias` (f64 arithmetic: the GEMMs dominate the time).
+/// One pass over `y`: `y = c0 y + s low + bias`, in the working precision ([`Acc`]: f32 for f32
+/// and half types, f64 for f64), each case its own loop so that it vectorises: on the CPU this
+/// pass follows every projection of an embedding model, where a per-element f64 loop with the
+/// branches inside was 8% of the time.
 fn combine<T: WithDType>(
     y: &mut [T],
     c0: f64,
@@ -189,18 +193,45 @@ fn combine<T: WithDType>(
     bias: Option<&[T]>,
     n: usize,
 ) {
+    if T::DTYPE == DType::F64 {
+        combine_in(y, c0, low, bias, n, load_f64::<T>, store_f64::<T>);
+    } else {
+        combine_in(y, c0, low, bias, n, load_f32::<T>, store_f32::<T>);
+    }
+}
+
+fn combine_in<T: WithDType, A: Acc>(
+    y: &mut [T],
+    c0: f64,
+    low: Option<(&[T], f64)>,
+    bias: Option<&[T]>,
+    n: usize,
+    load: impl Fn(T) -> A + Sync + Copy,
+    store: impl Fn(A) -> T + Sync + Copy,
+) {
+    let c0 = A::from_f64(c0);
     y.par_chunks_mut(n.max(1))
         .enumerate()
         .for_each(|(row, yr)| {
-            for (j, yv) in yr.iter_mut().enumerate() {
-                let mut acc = c0 * yv.to_f64();
-                if let Some((l, s)) = low {
-                    acc += s * l[row * n + j].to_f64();
+            let lr = low.map(|(l, s)| (&l[row * n..row * n + yr.len()], A::from_f64(s)));
+            // One rounding per element, as the terms are summed in `A` before the store.
+            match (lr, bias) {
+                (None, None) => yr.iter_mut().for_each(|v| *v = store(c0 * load(*v))),
+                (None, Some(b)) => {
+                    for (v, &bv) in yr.iter_mut().zip(b) {
+                        *v = store(c0 * load(*v) + load(bv));
+                    }
                 }
-                if let Some(b) = bias {
-                    acc += b[j].to_f64();
+                (Some((l, s)), None) => {
+                    for (v, &lv) in yr.iter_mut().zip(l) {
+                        *v = store(c0 * load(*v) + s * load(lv));
+                    }
                 }
-                *yv = T::from_f64(acc);
+                (Some((l, s)), Some(b)) => {
+                    for ((v, &lv), &bv) in yr.iter_mut().zip(l).zip(b) {
+                        *v = store(c0 * load(*v) + s * load(lv) + load(bv));
+                    }
+                }
             }
         });
 }

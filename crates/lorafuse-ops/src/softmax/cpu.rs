@@ -38,8 +38,8 @@ fn fwd_rows<T: WithDType, A: Acc>(
     y: &mut [T],
     x: &[T],
     n: usize,
-    load: fn(T) -> A,
-    store: fn(A) -> T,
+    load: impl Fn(T) -> A + Sync + Copy,
+    store: impl Fn(A) -> T + Sync + Copy,
 ) {
     y.par_chunks_mut(n)
         .zip(x.par_chunks(n))

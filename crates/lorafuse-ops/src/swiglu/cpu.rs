@@ -27,8 +27,8 @@ fn fwd_chunk<T: WithDType, A: Acc>(
     y: &mut [MaybeUninit<T>],
     g: &[T],
     u: &[T],
-    to: fn(T) -> A,
-    from: fn(A) -> T,
+    to: impl Fn(T) -> A + Sync + Copy,
+    from: impl Fn(A) -> T + Sync + Copy,
 ) {
     for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
         let g = to(g);
@@ -42,8 +42,8 @@ fn bwd_chunk<T: WithDType, A: Acc>(
     dg: &mut [MaybeUninit<T>],
     du: &mut [MaybeUninit<T>],
     (g, u, dy): (&[T], &[T], &[T]),
-    to: fn(T) -> A,
-    from: fn(A) -> T,
+    to: impl Fn(T) -> A + Sync + Copy,
+    from: impl Fn(A) -> T + Sync + Copy,
 ) {
     let one = A::from_f64(1.0);
     for ((((dg, du), &g), &u), &dy) in dg.iter_mut().zip(du).zip(g).zip(u).zip(dy) {
