@@ -134,6 +134,24 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    /// `launch` with the grid of a persistent launch over `rows` rows ([`Kernel::persistent_grid`]
+    /// at `launch`'s block size), or `None` when a block does not fit on an SM.
+    pub fn persistent_launch(
+        &self,
+        launch: LaunchConfig,
+        rows: usize,
+        op: &'static str,
+    ) -> Result<Option<LaunchConfig>> {
+        Ok(self
+            .persistent_grid(launch.block_dim.0, rows, op)?
+            .map(|grid| LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                ..launch
+            }))
+    }
+}
+
 impl PtxModule {
     /// Looks `fn_name` up in this module, loading the module on `dev` the first time.
     pub fn kernel(&self, dev: &CudaDevice, fn_name: &str) -> Result<Kernel> {
@@ -324,6 +342,23 @@ pub(crate) fn rows_persistent(elem_bytes: usize) -> bool {
         },
     );
     forced.unwrap_or(elem_bytes == 2)
+}
+
+/// Whether a row op's persistent forward (`<op>_fwd_rows_*`) takes rows of `n_cols` at `launch`'s
+/// block size: [`rows_persistent`] for the element size, rows of whole 16-byte packs, at most
+/// four a thread (`kRowPacksPerThread`), and blocks of at least `min_threads`.
+pub(crate) fn persistent_rows_apply(
+    n_cols: usize,
+    elem_bytes: usize,
+    launch: &LaunchConfig,
+    min_threads: u32,
+) -> bool {
+    let pack = (16 / elem_bytes.max(1)).max(1);
+    let threads = launch.block_dim.0;
+    rows_persistent(elem_bytes)
+        && threads >= min_threads
+        && n_cols.is_multiple_of(pack)
+        && n_cols / pack <= 4 * threads as usize
 }
 
 /// Launch plans for the norms' register-row backward kernels (`<op>_bwd_rows{2,4}_*`), in order

@@ -44,24 +44,15 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
     let wv = cuda_util::contiguous_view::<T>(w, wl, OP)?;
     let y = cuda_util::alloc::<T>(dev, rows * n)?;
     let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
-    let pack = 16 / std::mem::size_of::<T>();
     let launch = cuda_util::row_launch_packed(rows, n, std::mem::size_of::<T>());
-    let threads = launch.block_dim.0;
-    if cuda_util::rows_persistent(std::mem::size_of::<T>())
-        && n.is_multiple_of(pack)
-        && n / pack <= 4 * threads as usize
-    {
+    if cuda_util::persistent_rows_apply(n, std::mem::size_of::<T>(), &launch, 0) {
         let k = MODULE.kernel_for(dev, "rms_norm_fwd_rows", T::DTYPE, OP)?;
-        if let Some(grid) = k.persistent_grid(threads, rows, OP)? {
+        if let Some(cfg) = k.persistent_launch(launch, rows, OP)? {
             let rows_i = cuda_util::to_i32(rows, "rows", OP)?;
             let mut b = k.builder();
             b.arg(&xv).arg(&wv).arg(&y).arg(&rows_i).arg(&n_i).arg(&eps);
-            let cfg = LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                ..launch
-            };
             // SAFETY: matches `rms_norm_fwd_rows_*(x, w, y, rows, n, eps)`; x and y hold
-            // rows * n elements and w holds n; n / pack <= 4 packs x threads was checked.
+            // rows * n elements and w holds n; persistent_rows_apply checked the row fits the block.
             unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
             return Ok(cuda_util::wrap(y, dev));
         }

@@ -1,7 +1,7 @@
 //! Softmax CUDA launchers for the kernels in `softmax.cu`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16};
@@ -32,28 +32,18 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
     let xv = cuda_util::contiguous_view::<T>(x, xl, OP)?;
     let y = cuda_util::alloc::<T>(dev, rows * n)?;
     let n_i = cuda_util::to_i32(n, "row length", OP)?;
-    let pack = 16 / std::mem::size_of::<T>();
     let launch = cuda_util::row_launch_packed(rows, n, std::mem::size_of::<T>());
-    let threads = launch.block_dim.0;
     // Softmax gains from the persistent form only where a block fills most of its SM (on an
     // H200, bf16 16384x32000: 952 -> 688 us); at 4096 columns (128-thread blocks) it measured
     // slower (84 -> 90 us), unlike the norms.
-    if cuda_util::rows_persistent(std::mem::size_of::<T>())
-        && threads >= 512
-        && n.is_multiple_of(pack)
-        && n / pack <= 4 * threads as usize
-    {
+    if cuda_util::persistent_rows_apply(n, std::mem::size_of::<T>(), &launch, 512) {
         let k = MODULE.kernel_for(dev, "softmax_fwd_rows", T::DTYPE, OP)?;
-        if let Some(grid) = k.persistent_grid(threads, rows, OP)? {
+        if let Some(cfg) = k.persistent_launch(launch, rows, OP)? {
             let rows_i = cuda_util::to_i32(rows, "rows", OP)?;
             let mut b = k.builder();
             b.arg(&xv).arg(&y).arg(&rows_i).arg(&n_i);
-            let cfg = LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                ..launch
-            };
             // SAFETY: matches `softmax_fwd_rows_*(const T*, T*, int rows, int n)`; x and y hold
-            // rows * n elements; n / pack <= 4 packs x threads was checked.
+            // rows * n elements; persistent_rows_apply checked the row fits the block.
             unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
             return Ok(cuda_util::wrap(y, dev));
         }
