@@ -13,7 +13,12 @@ BIN=target/release/lorafuse
 GGUF=models/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$OUT"
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release -p lorafuse-cli --bins --benches >&2
-EMBED_BENCH=$(ls -t target/release/deps/embed-* | grep -v '\.d$' | head -1)
+# The newest `embed-*` may be the tests/embed.rs test binary: take the one that is the bench.
+EMBED_BENCH=
+for f in $(ls -t target/release/deps/embed-* | grep -v '\.d$'); do
+  if "$f" --help 2>&1 | grep -q -- '--sizes'; then EMBED_BENCH=$f; break; fi
+done
+[ -n "$EMBED_BENCH" ] || { echo "bench-cpu: no embed bench binary; build with --benches" >&2; exit 1; }
 echo "load before: $(cat /proc/loadavg)" >&2
 # Decode, batch 1, greedy, 32-token prompt, 128 new tokens.
 for q in none q8_0 q4_1; do
