@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, DriverError, LaunchArgs,
-    LaunchConfig, ValidAsZeroBits,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
@@ -94,17 +94,18 @@ impl Kernel {
 }
 
 impl Kernel {
-    /// Blocks for a persistent launch of `threads`-thread blocks over `items` work items: as many
-    /// as fit on the card at once (the occupancy the compiled kernel allows, times the SMs), never
-    /// more than `items`, so each block loops over its share and nothing waits for a second wave.
-    /// `None` when not even one block of `threads` fits on an SM (registers).
-    pub fn persistent_grid(
+    /// `launch` (its block size) with the grid of a persistent launch over `rows` work items: as
+    /// many blocks as fit on the card at once (the occupancy the compiled kernel allows, times
+    /// the SMs), never more than `rows`, so each block loops over its share and nothing waits for
+    /// a second wave. `None` when not even one block fits on an SM (registers).
+    pub fn persistent_launch(
         &self,
-        threads: u32,
-        items: usize,
+        launch: LaunchConfig,
+        rows: usize,
         op: &'static str,
-    ) -> Result<Option<u32>> {
+    ) -> Result<Option<LaunchConfig>> {
         static FIT: OnceLock<FitCache> = OnceLock::new();
+        let threads = launch.block_dim.0;
         let ctx = self.stream.context();
         let key = (self.name.clone(), threads, ctx.ordinal());
         let cache = FIT.get_or_init(|| Mutex::new(HashMap::new()));
@@ -129,26 +130,35 @@ impl Kernel {
         if per_sm == 0 {
             return Ok(None);
         }
-        let fit = per_sm as usize * sms as usize;
-        Ok(Some(fit.min(items.max(1)).min(u32::MAX as usize) as u32))
+        let grid = (per_sm as usize * sms as usize)
+            .min(rows.max(1))
+            .min(u32::MAX as usize) as u32;
+        Ok(Some(LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            ..launch
+        }))
     }
-}
 
-impl Kernel {
-    /// `launch` with the grid of a persistent launch over `rows` rows ([`Kernel::persistent_grid`]
-    /// at `launch`'s block size), or `None` when a block does not fit on an SM.
-    pub fn persistent_launch(
+    /// Row `dst_row` of `out` (rows of `n`) as the column sums of `n_chunks` rows of f32 partial
+    /// sums, with `self` the op's instantiation of `column_finish` (`cuda_util.cuh`).
+    pub fn finish_columns<T: DeviceRepr>(
         &self,
-        launch: LaunchConfig,
-        rows: usize,
+        partial: &CudaSlice<f32>,
+        out: &mut CudaSlice<T>,
+        (n, dst_row): (usize, usize),
+        n_chunks: usize,
         op: &'static str,
-    ) -> Result<Option<LaunchConfig>> {
-        Ok(self
-            .persistent_grid(launch.block_dim.0, rows, op)?
-            .map(|grid| LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                ..launch
-            }))
+    ) -> Result<()> {
+        let n_i = to_i32(n, "hidden size", op)?;
+        let chunks_i = to_i32(n_chunks, "chunks", op)?;
+        let mut dst = out.slice_mut(dst_row * n..(dst_row + 1) * n);
+        let mut b = self.builder();
+        b.arg(partial).arg(&mut dst).arg(&n_i).arg(&chunks_i);
+        // SAFETY: `column_finish` kernels take (const float* partial, T* out, int n, int
+        // n_chunks); partial holds n_chunks * n floats (the callers' allocations) and dst is one
+        // row of n elements of out.
+        unsafe { b.launch(elementwise_launch(n)) }.map_err(driver_err(op))?;
+        Ok(())
     }
 }
 
@@ -280,6 +290,11 @@ pub(crate) fn row_launch(n_rows: usize, n_cols: usize, shared_mem_bytes: u32) ->
     }
 }
 
+/// Elements of a 16-byte pack (the kernels' vector width) for elements of `elem_bytes`.
+fn pack_elems(elem_bytes: usize) -> usize {
+    (16 / elem_bytes.max(1)).max(1)
+}
+
 /// One block per row for the row-wise forwards that hold a row in registers (rms_norm, layer_norm,
 /// softmax): about four 16-byte packs per thread, so that every thread has work and loads in
 /// flight (a row-length-sized block left half its threads idle on half-precision rows), and small
@@ -287,10 +302,10 @@ pub(crate) fn row_launch(n_rows: usize, n_cols: usize, shared_mem_bytes: u32) ->
 /// long for `kRowPacksPerThread` packs per thread get 1024 threads and the kernels' two-pass path.
 /// `LORAFUSE_ROW_PACKS` (1, 2 or 4) overrides the four packs per thread, for tuning on a new card.
 pub(crate) fn row_launch_packed(n_rows: usize, n_cols: usize, elem_bytes: usize) -> LaunchConfig {
-    let pack = (16 / elem_bytes.max(1)).max(1);
+    let pack = pack_elems(elem_bytes);
     let threads = n_cols
         .div_ceil(pack)
-        .div_ceil(env_packs("LORAFUSE_ROW_PACKS", &ROW_PACKS, 4))
+        .div_ceil(row_packs())
         .next_power_of_two()
         .clamp(32, 1024);
     LaunchConfig {
@@ -304,7 +319,7 @@ pub(crate) fn row_launch_packed(n_rows: usize, n_cols: usize, elem_bytes: usize)
 /// for rows of 4 to 8 x 1024 whole packs (f32 rows of 16K-32K values: one read of the row instead
 /// of the two-pass kernel's two), `<base>` otherwise.
 pub(crate) fn row_fwd_kernel(base: &str, n_cols: usize, elem_bytes: usize) -> String {
-    let pack = (16 / elem_bytes.max(1)).max(1);
+    let pack = pack_elems(elem_bytes);
     let packs = n_cols / pack;
     if n_cols.is_multiple_of(pack) && packs > 4 * 1024 && packs <= 8 * 1024 {
         format!("{base}8")
@@ -313,16 +328,16 @@ pub(crate) fn row_fwd_kernel(base: &str, n_cols: usize, elem_bytes: usize) -> St
     }
 }
 
-static ROW_PACKS: OnceLock<usize> = OnceLock::new();
-
-/// A packs-per-thread setting from the environment (1, 2 or 4), read once; `default` otherwise.
-fn env_packs(var: &str, cell: &OnceLock<usize>, default: usize) -> usize {
-    *cell.get_or_init(
-        || match std::env::var(var).ok().and_then(|v| v.trim().parse().ok()) {
-            Some(p @ (1 | 2 | 4)) => p,
-            _ => default,
-        },
-    )
+/// Packs per thread of the row forwards' blocks: 4, or `LORAFUSE_ROW_PACKS` (1, 2 or 4), read once.
+fn row_packs() -> usize {
+    static PACKS: OnceLock<usize> = OnceLock::new();
+    *PACKS.get_or_init(|| {
+        std::env::var("LORAFUSE_ROW_PACKS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|p| matches!(p, 1 | 2 | 4))
+            .unwrap_or(4)
+    })
 }
 
 /// Whether the register-row forwards (rms_norm, layer_norm, softmax) take their persistent form
@@ -353,7 +368,7 @@ pub(crate) fn persistent_rows_apply(
     launch: &LaunchConfig,
     min_threads: u32,
 ) -> bool {
-    let pack = (16 / elem_bytes.max(1)).max(1);
+    let pack = pack_elems(elem_bytes);
     let threads = launch.block_dim.0;
     rows_persistent(elem_bytes)
         && threads >= min_threads
@@ -362,17 +377,18 @@ pub(crate) fn persistent_rows_apply(
 }
 
 /// Launch plans for the norms' register-row backward kernels (`<op>_bwd_rows{2,4}_*`), in order
-/// of preference: `(P, threads)`, the packs per thread the kernel is instantiated for and the
-/// block size that covers a row with them. Two packs a thread first (measured faster than four
-/// on an H200: half the registers, twice the resident rows); four for rows too long for two.
-/// Empty when the row does not split into whole 16-byte packs or exceeds 4 packs x 1024 threads
-/// (the two-pass kernels take it), or when `LORAFUSE_NORM_BWD_ROWS=0` turns the path off. A plan
-/// may still not launch (too many registers for its block size): see [`Kernel::persistent_grid`].
-pub(crate) fn bwd_rows_plans(n_cols: usize, elem_bytes: usize) -> Vec<(usize, u32)> {
+/// of preference: `(P, launch)`, the packs per thread the kernel is instantiated for and a block
+/// size that covers a row with them (the grid is [`Kernel::persistent_launch`]'s). Two packs a
+/// thread first (measured faster than four on an H200: half the registers, twice the resident
+/// rows); four for rows too long for two. Empty when the row does not split into whole 16-byte
+/// packs or exceeds 4 packs x 1024 threads (the two-pass kernels take it), or when
+/// `LORAFUSE_NORM_BWD_ROWS=0` turns the path off. A plan may still not launch (too many registers
+/// for its block size).
+pub(crate) fn bwd_rows_plans(n_cols: usize, elem_bytes: usize) -> Vec<(usize, LaunchConfig)> {
     static ENABLED: OnceLock<bool> = OnceLock::new();
     let enabled = *ENABLED
         .get_or_init(|| std::env::var("LORAFUSE_NORM_BWD_ROWS").map_or(true, |v| v.trim() != "0"));
-    let pack = (16 / elem_bytes.max(1)).max(1);
+    let pack = pack_elems(elem_bytes);
     if !enabled || n_cols == 0 || !n_cols.is_multiple_of(pack) {
         return Vec::new();
     }
@@ -381,10 +397,13 @@ pub(crate) fn bwd_rows_plans(n_cols: usize, elem_bytes: usize) -> Vec<(usize, u3
         .into_iter()
         .filter(|p| packs <= p * 1024)
         .map(|p| {
-            (
-                p,
-                packs.div_ceil(p).next_power_of_two().clamp(32, 1024) as u32,
-            )
+            let threads = packs.div_ceil(p).next_power_of_two().clamp(32, 1024) as u32;
+            let launch = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (p, launch)
         })
         .collect()
 }

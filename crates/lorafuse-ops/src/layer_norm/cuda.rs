@@ -1,9 +1,7 @@
 //! LayerNorm CUDA launchers for the kernels in `layer_norm.cu`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16};
@@ -103,11 +101,12 @@ fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
     let extra = usize::from(want_dw) + usize::from(want_db);
     let mut out = cuda_util::alloc::<T>(dev, (rows + extra) * n)?;
     let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
-    for (packs, threads) in cuda_util::bwd_rows_plans(n, std::mem::size_of::<T>()) {
+    for (packs, plan) in cuda_util::bwd_rows_plans(n, std::mem::size_of::<T>()) {
         let k = MODULE.kernel_for(dev, &format!("layer_norm_bwd_rows{packs}"), T::DTYPE, OP)?;
-        let Some(grid) = k.persistent_grid(threads, rows, OP)? else {
+        let Some(cfg) = k.persistent_launch(plan, rows, OP)? else {
             continue;
         };
+        let grid = cfg.grid_dim.0;
         let partial_len = |want: bool| if want { grid as usize * n } else { 1 };
         let partial_dw = cuda_util::alloc::<f32>(dev, partial_len(want_dw))?;
         let partial_db = cuda_util::alloc::<f32>(dev, partial_len(want_db))?;
@@ -120,11 +119,6 @@ fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
             .arg(&want_dw_i)
             .arg(&want_db_i);
         b.arg(&rows_i).arg(&n_i).arg(&eps);
-        let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: matches `layer_norm_bwd_rows{2,4}_*(x, w, dy, dx, partial_dw, partial_db,
         // want_dw, want_db, rows, n, eps)`; out holds at least rows * n elements, each partial
         // grid * n floats when wanted (the kernel writes it only then), and bwd_rows_plans
@@ -228,14 +222,7 @@ fn finish<T: CudaDType + DeviceRepr + WithDType>(
     dst_row: usize,
     n_chunks: usize,
 ) -> Result<()> {
-    let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
-    let chunks_i = cuda_util::to_i32(n_chunks, "chunks", OP)?;
-    let mut dst = out.slice_mut(dst_row * n..(dst_row + 1) * n);
-    let k = MODULE.kernel_for(dev, "layer_norm_bwd_finish", T::DTYPE, OP)?;
-    let mut b = k.builder();
-    b.arg(partial).arg(&mut dst).arg(&n_i).arg(&chunks_i);
-    // SAFETY: matches `layer_norm_bwd_finish_*(partial, out, n, n_chunks)`; partial holds
-    // n_chunks * n floats and dst is one row of n.
-    unsafe { b.launch(cuda_util::elementwise_launch(n)) }.map_err(cuda_util::driver_err(OP))?;
-    Ok(())
+    MODULE
+        .kernel_for(dev, "layer_norm_bwd_finish", T::DTYPE, OP)?
+        .finish_columns(partial, out, (n, dst_row), n_chunks, OP)
 }

@@ -1,9 +1,7 @@
 //! RMSNorm CUDA launchers for the kernels in `rms_norm.cu`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16};
@@ -101,22 +99,18 @@ fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
     let dyv = cuda_util::contiguous_view::<T>(dy, dyl, OP)?;
     let mut out = cuda_util::alloc::<T>(dev, (rows + usize::from(want_dw)) * n)?;
     let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
-    for (packs, threads) in cuda_util::bwd_rows_plans(n, std::mem::size_of::<T>()) {
+    for (packs, plan) in cuda_util::bwd_rows_plans(n, std::mem::size_of::<T>()) {
         let k = MODULE.kernel_for(dev, &format!("rms_norm_bwd_rows{packs}"), T::DTYPE, OP)?;
-        let Some(grid) = k.persistent_grid(threads, rows, OP)? else {
+        let Some(cfg) = k.persistent_launch(plan, rows, OP)? else {
             continue;
         };
+        let grid = cfg.grid_dim.0;
         let partial = cuda_util::alloc::<f32>(dev, if want_dw { grid as usize * n } else { 1 })?;
         let rows_i = cuda_util::to_i32(rows, "rows", OP)?;
         let want_i = i32::from(want_dw);
         let mut b = k.builder();
         b.arg(&xv).arg(&wv).arg(&dyv).arg(&out).arg(&partial);
         b.arg(&want_i).arg(&rows_i).arg(&n_i).arg(&eps);
-        let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: matches `rms_norm_bwd_rows{2,4}_*(x, w, dy, dx, partial, want_dw, rows, n,
         // eps)`; out holds at least rows * n elements, partial grid * n floats when want_dw (the
         // kernel writes it only then), and bwd_rows_plans checked n / pack <= packs * threads.
@@ -170,14 +164,7 @@ fn finish_dw<T: CudaDType + DeviceRepr + WithDType>(
     n: usize,
     n_chunks: usize,
 ) -> Result<()> {
-    let n_i = cuda_util::to_i32(n, "hidden size", OP)?;
-    let chunks_i = cuda_util::to_i32(n_chunks, "chunks", OP)?;
-    let mut dw = out.slice_mut(rows * n..);
-    let k = MODULE.kernel_for(dev, "rms_norm_bwd_dw_finish", T::DTYPE, OP)?;
-    let mut b = k.builder();
-    b.arg(partial).arg(&mut dw).arg(&n_i).arg(&chunks_i);
-    // SAFETY: matches `rms_norm_bwd_dw_finish_*(partial, dw, n, n_chunks)`; partial holds
-    // n_chunks * n floats and dw is the last n elements of out.
-    unsafe { b.launch(cuda_util::elementwise_launch(n)) }.map_err(cuda_util::driver_err(OP))?;
-    Ok(())
+    MODULE
+        .kernel_for(dev, "rms_norm_bwd_dw_finish", T::DTYPE, OP)?
+        .finish_columns(partial, out, (n, rows), n_chunks, OP)
 }
