@@ -94,39 +94,42 @@ impl Kernel {
 }
 
 impl Kernel {
+    /// `(blocks per SM, SMs)` for blocks of `threads` threads and no dynamic shared memory: the
+    /// occupancy the compiled kernel allows (registers, static shared memory) and the card's SM
+    /// count, asked of the driver once per (kernel, block size, device).
+    pub fn fit(&self, threads: u32, op: &'static str) -> Result<(u32, u32)> {
+        static FIT: OnceLock<FitCache> = OnceLock::new();
+        let ctx = self.stream.context();
+        let key = (self.name.clone(), threads, ctx.ordinal());
+        let cache = FIT.get_or_init(|| Mutex::new(HashMap::new()));
+        if let Some(fit) = cache.lock().ok().and_then(|c| c.get(&key).copied()) {
+            return Ok(fit);
+        }
+        let per_sm = self
+            .func
+            .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+            .map_err(driver_err(op))?;
+        let sms = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver_err(op))?;
+        let fit = (per_sm, sms.max(1) as u32);
+        if let Ok(mut c) = cache.lock() {
+            c.insert(key, fit);
+        }
+        Ok(fit)
+    }
+
     /// `launch` (its block size) with the grid of a persistent launch over `rows` work items: as
-    /// many blocks as fit on the card at once (the occupancy the compiled kernel allows, times
-    /// the SMs), never more than `rows`, so each block loops over its share and nothing waits for
-    /// a second wave. `None` when not even one block fits on an SM (registers).
+    /// many blocks as fit on the card at once (`fit`), never more than `rows`, so each block loops
+    /// over its share and nothing waits for a second wave. `None` when not even one block fits
+    /// on an SM (registers).
     pub fn persistent_launch(
         &self,
         launch: LaunchConfig,
         rows: usize,
         op: &'static str,
     ) -> Result<Option<LaunchConfig>> {
-        static FIT: OnceLock<FitCache> = OnceLock::new();
-        let threads = launch.block_dim.0;
-        let ctx = self.stream.context();
-        let key = (self.name.clone(), threads, ctx.ordinal());
-        let cache = FIT.get_or_init(|| Mutex::new(HashMap::new()));
-        let cached = cache.lock().ok().and_then(|c| c.get(&key).copied());
-        let (per_sm, sms) = match cached {
-            Some(fit) => fit,
-            None => {
-                let per_sm = self
-                    .func
-                    .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
-                    .map_err(driver_err(op))?;
-                let sms = ctx
-                    .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-                    .map_err(driver_err(op))?;
-                let fit = (per_sm, sms.max(1) as u32);
-                if let Ok(mut c) = cache.lock() {
-                    c.insert(key, fit);
-                }
-                fit
-            }
-        };
+        let (per_sm, sms) = self.fit(launch.block_dim.0, op)?;
         if per_sm == 0 {
             return Ok(None);
         }

@@ -388,43 +388,82 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 
 // Rows [r0, r0 + R) of a row-major [n, D] matrix into a shared tile with row stride D + 8;
 // rows at or past n become zeros. Asynchronous when `vec` (complete after cp_async_wait and a
-// barrier), plain stores otherwise (complete after the barrier).
+// barrier), plain stores otherwise (complete after the barrier). Thread t copies the 16-byte
+// chunk t % CPR of rows t / CPR, t / CPR + NT / CPR, ...: a fixed trip count, so the loop unrolls
+// and the address arithmetic is a constant stride (as a loop over t + i NT it was not unrolled,
+// and took ~27 instructions a chunk).
 template <typename T, int R, int D, int NT>
 __device__ __forceinline__ void load_tile(T* sm, const T* __restrict__ g, int r0, int n,
                                           bool vec) {
   constexpr int CPR = D / 8;  // 16-byte chunks per row
   constexpr int STRIDE = D + 8;
+  static_assert(NT % CPR == 0, "a thread keeps its column");
+  constexpr int RSTEP = NT / CPR;                     // rows between a thread's chunks
+  constexpr int ITERS = (R * CPR + NT - 1) / NT;      // chunks per thread (some idle if R small)
+  const int col = (threadIdx.x % CPR) * 8;
+  const int rt = threadIdx.x / CPR;
+  T* dst = sm + rt * STRIDE + col;
+  const T* src = g + (size_t)(r0 + rt) * D + col;
+  if (vec && r0 + R <= n) {
+    // a whole tile: constant offsets from one address, no row checks
 #pragma unroll
-  for (int c = threadIdx.x; c < R * CPR; c += NT) {
-    const int r = c / CPR, col = (c % CPR) * 8;
-    T* dst = sm + r * STRIDE + col;
-    const bool in = r0 + r < n;
-    const T* src = g + (size_t)(in ? r0 + r : 0) * D + col;
-    if (vec) {
-      cp_async16(dst, src, in ? 16 : 0);
-    } else {
+    for (int it = 0; it < ITERS; ++it) {
+      if (R % RSTEP != 0 && rt + it * RSTEP >= R) break;
+      cp_async16(dst + it * RSTEP * STRIDE, src + it * RSTEP * D, 16);
+    }
+  } else if (vec) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = in ? src[e] : from_f<T>(0.f);
+    for (int it = 0; it < ITERS; ++it) {
+      const int r = rt + it * RSTEP;
+      if (R % RSTEP != 0 && r >= R) break;
+      const bool in = r0 + r < n;
+      // a row past n copies 0 bytes (zero fill), naming row 0 as its (valid) source
+      cp_async16(dst + it * RSTEP * STRIDE, in ? src + (size_t)it * RSTEP * D : g + col,
+                 in ? 16 : 0);
+    }
+  } else {
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int r = rt + it * RSTEP;
+      if (R % RSTEP != 0 && r >= R) break;
+      const bool in = r0 + r < n;
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        dst[it * RSTEP * STRIDE + e] = in ? src[(size_t)it * RSTEP * D + e] : from_f<T>(0.f);
     }
   }
 }
 
-// Forward. Grid (ceil(tq / (16 NW)), b * hq), 32 NW threads; warp w owns query rows
-// 16w..16w+15 of the block's tile. Heavier (later) query tiles are scheduled first. NW = 4 for
-// both head dims: on an H200 (d = 64, T = 2048) 8-warp blocks shared the K/V tile loads but ran
-// 6% slower than 4-warp blocks (coarser blocks, a longer causal tail).
-template <typename T, int D, int NW>
+// Forward. Grid (b * hq, ceil(tq / BQ)), 32 NW threads, BQ = 16 NW MT query rows a block; warp
+// w owns the MT 16-row tiles from row 16 MT w of the block's tile, and each K or V fragment it
+// reads from shared memory feeds MT products.
+// - Launch order: blocks start x fastest, so the heaviest (last) query tile of every head comes
+//   first and the causal tail is made of light tiles. With the heads in y, one head's tiles ran
+//   heavy to light, then the next head's: heavy tiles started last and an H200 sat a third idle
+//   at the end of T = 2048 (a list-scheduling model: 76 tile-times against 56 ideal; 60 now).
+// - STAGES = 2 double-buffers K and V (one barrier a tile, the next tile's loads in flight for a
+//   whole tile); STAGES = 1 keeps one buffer each, which a 128-wide head dim needs to stay
+//   within static shared memory.
+// - MT = 2 halves the shared-memory reads and K/V tile loads per product, for twice the
+//   registers (2 blocks an SM): on an H200 at d = 64, T = 2048 it took the forward from 123 to
+//   118 us, but at T = 512 (224 blocks of 128 rows for 264 slots) it was 8% slower than MT = 1,
+//   so the host picks it only for grids of two full waves or more (`attention_fwd_tc64x2`).
+// - 8-warp blocks (shared K/V loads, 128-row tiles) and 128-key tiles measured no faster.
+template <typename T, int D, int NW, int BK = ATT_TC_BK, int STAGES = 1, int MT = 1>
 __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict__ k,
                                     const T* __restrict__ v, T* __restrict__ o,
                                     float* __restrict__ lse, AttDims a) {
-  constexpr int BQ = 16 * NW, BK = ATT_TC_BK, STRIDE = D + 8, NT = 32 * NW;
+  constexpr int BQ = 16 * NW * MT, STRIDE = D + 8, NT = 32 * NW;
+  constexpr int KV = BK * STRIDE;  // one K or V tile, elements
   static_assert(BQ <= 2 * BK, "Q is staged through the K and V tiles");
-  __shared__ __align__(16) uint16_t smem_raw[2 * BK * STRIDE];
+  static_assert(STAGES == 1 || STAGES == 2, "one K/V buffer, or two in turn");
+  // stage s: K at 2 s KV, V after it
+  __shared__ __align__(16) uint16_t smem_raw[2 * STAGES * KV];
   T* sk = reinterpret_cast<T*>(smem_raw);
-  T* sv = sk + BK * STRIDE;
+  T* sv = sk + KV;
 
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;
-  const int bh = blockIdx.y;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;
+  const int bh = blockIdx.x;
   const int bi = bh / a.hq, h = bh % a.hq;
   const int g = h / (a.hq / a.hkv);
   const int off = a.tk - a.tq;
@@ -434,132 +473,199 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
   const bool vec = aligned16(q) && aligned16(k) && aligned16(v);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gr = lane >> 2, tc = lane & 3;
+  // first query row of the warp's row tile mt: MT consecutive 16-row tiles a warp
+  auto row0 = [&](int mt) { return q0 + (warp * MT + mt) * 16; };
 
   // Q through the K and V buffers into A fragments, kept in registers for the whole key loop.
   load_tile<T, BQ, D, NT>(sk, qb, q0, a.tq, vec);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  uint32_t qf[D / 16][4];
+  uint32_t qf[MT][D / 16][4];
 #pragma unroll
-  for (int kc = 0; kc < D / 16; ++kc)
-    ldsm_x4(qf[kc], sk + (warp * 16 + (lane & 15)) * STRIDE + kc * 16 + (lane >> 4) * 8);
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc)
+      ldsm_x4(qf[mt][kc],
+              sk + ((warp * MT + mt) * 16 + (lane & 15)) * STRIDE + kc * 16 + (lane >> 4) * 8);
   __syncthreads();
 
   // keys visible to the block's last real row, exclusive
   const int key_end = min(a.tq, q0 + BQ) + off;
   const int n_tiles = (key_end + BK - 1) / BK;
   const float sl2 = a.scale * ATT_LOG2E;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  float acc[D / 8][4];
+  float m[MT][2], l[MT][2];
+  float acc[MT][D / 8][4];
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-
-  load_tile<T, BK, D, NT>(sk, kb, 0, a.tk, vec);
-  cp_async_commit();
-  for (int kt = 0; kt < n_tiles; ++kt) {
-    const int k0 = kt * BK;
-    load_tile<T, BK, D, NT>(sv, vb, k0, a.tk, vec);
-    cp_async_commit();
-    cp_async_wait<1>();  // this tile's K
-    __syncthreads();
-
-    float s[BK / 8][4];
+  for (int mt = 0; mt < MT; ++mt) {
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
 #pragma unroll
-    for (int nt = 0; nt < BK / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    for (int dt = 0; dt < D / 8; ++dt)
+      acc[mt][dt][0] = acc[mt][dt][1] = acc[mt][dt][2] = acc[mt][dt][3] = 0.f;
+  }
+  float s[MT][BK / 8][4];
+
+  // S = Q K^T for the warp's rows and the tile's BK keys: each K fragment feeds MT products
+  auto scores = [&](const T* kt_s) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < BK / 8; ++nt)
+        s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
 #pragma unroll
     for (int kc = 0; kc < D / 16; ++kc) {
 #pragma unroll
       for (int np = 0; np < BK / 16; ++np) {
         uint32_t b[4];
-        ldsm_x4(b, sk + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * STRIDE + kc * 16 +
+        ldsm_x4(b, kt_s + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * STRIDE + kc * 16 +
                        ((lane >> 3) & 1) * 8);
-        mma<T>(s[2 * np], qf[kc], b[0], b[1]);
-        mma<T>(s[2 * np + 1], qf[kc], b[2], b[3]);
-      }
-    }
-    __syncthreads();  // every warp is done with sk: prefetch the next K over it
-    if (kt + 1 < n_tiles) load_tile<T, BK, D, NT>(sk, kb, k0 + BK, a.tk, vec);
-    cp_async_commit();  // possibly empty: keeps the group count uniform
-
-    const bool edge = k0 + BK - 1 > q0 + off || k0 + BK > a.tk;
-    if (edge) {
 #pragma unroll
-      for (int nt = 0; nt < BK / 8; ++nt) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int i = q0 + warp * 16 + gr + 8 * (c >> 1);
-          const int j = k0 + nt * 8 + 2 * tc + (c & 1);
-          if (j > i + off || j >= a.tk) s[nt][c] = -INFINITY;
+        for (int mt = 0; mt < MT; ++mt) {
+          mma<T>(s[mt][2 * np], qf[mt][kc], b[0], b[1]);
+          mma<T>(s[mt][2 * np + 1], qf[mt][kc], b[2], b[3]);
         }
       }
     }
+  };
+  // mask, online softmax: s becomes P (unnormalised), m, l and acc are rescaled
+  auto softmax = [&](int k0) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;  // of the raw scores (scale > 0: the max commutes with scaling)
+    for (int mt = 0; mt < MT; ++mt) {
+      const int r0 = row0(mt);
+      const bool edge = k0 + BK - 1 > r0 + off || k0 + BK > a.tk;
+      if (edge) {
 #pragma unroll
-      for (int nt = 0; nt < BK / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[r], mx * sl2);
-      // a row with no visible key yet keeps m = -inf: subtract 0 so no inf - inf appears
-      const float base = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = fast_exp2(m[r] - base);
-      m[r] = m_new;
-      float sum = 0.f;
+        for (int nt = 0; nt < BK / 8; ++nt) {
 #pragma unroll
-      for (int nt = 0; nt < BK / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float p = fast_exp2(fmaf(s[nt][2 * r + e], sl2, -base));
-          s[nt][2 * r + e] = p;
-          sum += p;
+          for (int c = 0; c < 4; ++c) {
+            const int i = r0 + gr + 8 * (c >> 1);
+            const int j = k0 + nt * 8 + 2 * tc + (c & 1);
+            if (j > i + off || j >= a.tk) s[mt][nt][c] = -INFINITY;
+          }
         }
       }
-      l[r] = l[r] * alpha + sum;
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        acc[dt][2 * r] *= alpha;
-        acc[dt][2 * r + 1] *= alpha;
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;  // of the raw scores (scale > 0: the max commutes with scaling)
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; ++nt)
+          mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[mt][r], mx * sl2);
+        // a row with no visible key yet keeps m = -inf: subtract 0 so no inf - inf appears
+        const float base = m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = fast_exp2(m[mt][r] - base);
+        m[mt][r] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = fast_exp2(fmaf(s[mt][nt][2 * r + e], sl2, -base));
+            s[mt][nt][2 * r + e] = p;
+            sum += p;
+          }
+        }
+        l[mt][r] = l[mt][r] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          acc[mt][dt][2 * r] *= alpha;
+          acc[mt][dt][2 * r + 1] *= alpha;
+        }
       }
     }
-
-    cp_async_wait<1>();  // this tile's V (the next K may still be in flight)
-    __syncthreads();
+  };
+  // acc += P V: each V fragment feeds MT products
+  auto values = [&](const T* vt_s) {
 #pragma unroll
     for (int kc = 0; kc < BK / 16; ++kc) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kc][0], s[2 * kc][1]),
-                              pack2<T>(s[2 * kc][2], s[2 * kc][3]),
-                              pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                              pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+      uint32_t pa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pa[mt][0] = pack2<T>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+        pa[mt][1] = pack2<T>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+        pa[mt][2] = pack2<T>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+        pa[mt][3] = pack2<T>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t b[4];
-        ldsm_x4_t(b, sv + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * STRIDE + dp * 16 +
+        ldsm_x4_t(b, vt_s + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * STRIDE + dp * 16 +
                          (lane >> 4) * 8);
-        mma<T>(acc[2 * dp], pa, b[0], b[1]);
-        mma<T>(acc[2 * dp + 1], pa, b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma<T>(acc[mt][2 * dp], pa[mt], b[0], b[1]);
+          mma<T>(acc[mt][2 * dp + 1], pa[mt], b[2], b[3]);
+        }
       }
     }
-    __syncthreads();  // every warp is done with sv before the next tile's V lands on it
+  };
+
+  if constexpr (STAGES == 2) {
+    // Tile kt + 1's K and V load into the other stage while tile kt computes: one barrier a
+    // tile (it also tells every warp that the stage it is about to overwrite is free).
+    load_tile<T, BK, D, NT>(sk, kb, 0, a.tk, vec);
+    load_tile<T, BK, D, NT>(sv, vb, 0, a.tk, vec);
+    cp_async_commit();
+    for (int kt = 0; kt < n_tiles; ++kt) {
+      const int k0 = kt * BK;
+      cp_async_wait<0>();
+      __syncthreads();
+      if (kt + 1 < n_tiles) {
+        T* nk = sk + 2 * KV * ((kt + 1) & 1);
+        load_tile<T, BK, D, NT>(nk, kb, k0 + BK, a.tk, vec);
+        load_tile<T, BK, D, NT>(nk + KV, vb, k0 + BK, a.tk, vec);
+      }
+      cp_async_commit();
+      const T* ck = sk + 2 * KV * (kt & 1);
+      scores(ck);
+      softmax(k0);
+      values(ck + KV);
+    }
+  } else {
+    // One K and one V buffer: V loads during the scores, the next K during the softmax and
+    // P V (four barriers a tile; what a 128-wide head dim leaves room for in static memory).
+    load_tile<T, BK, D, NT>(sk, kb, 0, a.tk, vec);
+    cp_async_commit();
+    for (int kt = 0; kt < n_tiles; ++kt) {
+      const int k0 = kt * BK;
+      load_tile<T, BK, D, NT>(sv, vb, k0, a.tk, vec);
+      cp_async_commit();
+      cp_async_wait<1>();  // this tile's K
+      __syncthreads();
+      scores(sk);
+      __syncthreads();  // every warp is done with sk: prefetch the next K over it
+      if (kt + 1 < n_tiles) load_tile<T, BK, D, NT>(sk, kb, k0 + BK, a.tk, vec);
+      cp_async_commit();  // possibly empty: keeps the group count uniform
+      softmax(k0);
+      cp_async_wait<1>();  // this tile's V (the next K may still be in flight)
+      __syncthreads();
+      values(sv);
+      __syncthreads();  // every warp is done with sv before the next tile's V lands on it
+    }
   }
   cp_async_wait<0>();
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float lr = l[r];
-    lr += __shfl_xor_sync(0xffffffffu, lr, 1);
-    lr += __shfl_xor_sync(0xffffffffu, lr, 2);
-    const int i = q0 + warp * 16 + gr + 8 * r;
-    if (i >= a.tq) continue;
-    const float inv = 1.f / lr;
-    const size_t row = (size_t)bh * a.tq + i;
-    T* orow = o + row * D;
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * tc) =
-          pack2<T>(acc[dt][2 * r] * inv, acc[dt][2 * r + 1] * inv);
-    if (tc == 0) lse[row] = m[r] * ATT_LN2 + logf(lr);
+    for (int r = 0; r < 2; ++r) {
+      float lr = l[mt][r];
+      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      const int i = row0(mt) + gr + 8 * r;
+      if (i >= a.tq) continue;
+      const float inv = 1.f / lr;
+      const size_t row = (size_t)bh * a.tq + i;
+      T* orow = o + row * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * tc) =
+            pack2<T>(acc[mt][dt][2 * r] * inv, acc[mt][dt][2 * r + 1] * inv);
+      if (tc == 0) lse[row] = m[mt][r] * ATT_LN2 + logf(lr);
+    }
   }
 }
 
@@ -572,7 +678,8 @@ __host__ __device__ constexpr int bwd_smem_bytes() {
 
 extern __shared__ __align__(16) unsigned char att_dyn_smem[];
 
-// Backward. Grid (ceil(tk / 64), b * hq), 128 threads, bwd_smem_bytes<D, QT>() of dynamic shared
+// Backward. Grid (b * hq, ceil(tk / 64)), 128 threads (the heaviest, first key tiles of every
+// head start first, as in the forward), bwd_smem_bytes<D, QT>() of dynamic shared
 // memory; warp w owns keys 16w..16w+15 of the block's tile and walks query tiles of QT rows (64
 // for d = 64; 32 for d = 128, which keeps the registers in bounds), double-buffered: the next
 // tile's Q, dO, lse and D load while this one computes. dq_acc is f32 [b, hq, tq, D], zeroed by
@@ -597,8 +704,8 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
   T* sds = sq0 + 4 * QTILE;
   float* s_lse0 = reinterpret_cast<float*>(sds + BK * QSTRIDE);  // [2][QT], then D [2][QT]
 
-  const int k0 = blockIdx.x * ATT_TC_BK;  // heavier (earlier) key tiles first
-  const int bh = blockIdx.y;
+  const int k0 = blockIdx.y * ATT_TC_BK;
+  const int bh = blockIdx.x;
   const int bi = bh / a.hq, h = bh % a.hq;
   const int g = h / (a.hq / a.hkv);
   const int off = a.tk - a.tq;
@@ -647,6 +754,49 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
     }
     cp_async_commit();
   };
+  // dQ of the query tile at row q0 += dS K over the block's keys, from dS^T in sds (a one-barrier
+  // form, with two dS^T buffers and each tile's dQ done after the next tile's barrier, measured
+  // no faster on an H200: the backward is not bound by its barriers)
+  auto dq_phase = [&](int q0) {
+
+    // dQ += dS K over the block's 64 keys: warp w takes query rows qr..qr+15, columns
+    // dc0..dc0+DC-1 of the QT x D tile
+    constexpr int RG = QT / 16, DC = D / (4 / RG);
+    const int qr = (warp % RG) * 16, dc0 = (warp / RG) * DC;
+    float dq[DC / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < DC / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < BK / 16; ++kc) {
+      uint32_t da[4];  // dS rows (queries) x keys, read transposed from dS^T
+      ldsm_x4_t(da, sds + (kc * 16 + (lane & 7) + (lane >> 4) * 8) * QSTRIDE + qr +
+                        ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int dp = 0; dp < DC / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_t(b, sk + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * STRIDE + dc0 +
+                         dp * 16 + (lane >> 4) * 8);
+        mma<T>(dq[2 * dp], da, b[0], b[1]);
+        mma<T>(dq[2 * dp + 1], da, b[2], b[3]);
+      }
+    }
+    // One 16-byte reduction per thread and n-tile (sm_90 vector atomics, a quarter of the scalar
+    // ones): lane pairs (tc, tc ^ 1) swap halves so that an even tc holds 4 columns of row gr and
+    // an odd tc the same 4 columns of row gr + 8.
+    {
+      const bool odd = tc & 1;
+      const int i = q0 + qr + gr + (odd ? 8 : 0);
+      float* dst = dq_acc + ((size_t)bh * a.tq + i) * D + dc0 + 2 * (tc & ~1);
+#pragma unroll
+      for (int nt = 0; nt < DC / 8; ++nt) {
+        const float r0 = __shfl_xor_sync(0xffffffffu, odd ? dq[nt][0] : dq[nt][2], 1);
+        const float r1 = __shfl_xor_sync(0xffffffffu, odd ? dq[nt][1] : dq[nt][3], 1);
+        const float4 val = odd ? make_float4(r0, r1, dq[nt][2], dq[nt][3])
+                               : make_float4(dq[nt][0], dq[nt][1], r0, r1);
+        if (i < a.tq) atomicAdd(reinterpret_cast<float4*>(dst + nt * 8), val);
+      }
+    }
+  };
   issue(qt_first, 0);
   for (int qt = qt_first; qt < n_qt; ++qt) {
     const int q0 = qt * QT;
@@ -685,14 +835,14 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
     const bool edge = k0 + BK - 1 > q0 + off || q0 + QT > a.tq || k0 + BK > a.tk;
 #pragma unroll
     for (int nt = 0; nt < QT / 8; ++nt) {
+      // this thread's two query columns of the n-tile, adjacent: one 8-byte read
+      const float2 ls = *reinterpret_cast<const float2*>(s_lse + nt * 8 + 2 * tc);
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int il = nt * 8 + 2 * tc + (c & 1);
         const int i = q0 + il;
         const int j = k0 + warp * 16 + gr + 8 * (c >> 1);
-        // exp2f, not fast_exp2: the latter tips this kernel over its 168-register cap into a
-        // spill, and the backward is bound by shared memory, not by MUFU
-        const float p = exp2f(fmaf(st[nt][c], sl2, -s_lse[il] * ATT_LOG2E));
+        const float p = fast_exp2(fmaf(st[nt][c], sl2, -(c & 1 ? ls.y : ls.x) * ATT_LOG2E));
         st[nt][c] = edge && (j > i + off || i >= a.tq || j >= a.tk) ? 0.f : p;
       }
     }
@@ -732,11 +882,10 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
     // dS^T = P^T (dP^T - D) scale (the softmax scale folded in once, for dK and dQ alike)
 #pragma unroll
     for (int nt = 0; nt < QT / 8; ++nt) {
+      const float2 dl = *reinterpret_cast<const float2*>(s_delta + nt * 8 + 2 * tc);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int il = nt * 8 + 2 * tc + (c & 1);
-        dpt[nt][c] = st[nt][c] * (dpt[nt][c] - s_delta[il]) * a.scale;
-      }
+      for (int c = 0; c < 4; ++c)
+        dpt[nt][c] = st[nt][c] * (dpt[nt][c] - (c & 1 ? dl.y : dl.x)) * a.scale;
     }
 
     // dK += dS^T Q, and dS^T to shared memory for dQ
@@ -761,44 +910,7 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
       }
     }
     __syncthreads();  // dS^T of every warp is in shared memory
-
-    // dQ += dS K over the block's 64 keys: warp w takes query rows qr..qr+15, columns
-    // dc0..dc0+DC-1 of the QT x D tile
-    constexpr int RG = QT / 16, DC = D / (4 / RG);
-    const int qr = (warp % RG) * 16, dc0 = (warp / RG) * DC;
-    float dq[DC / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < DC / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
-#pragma unroll
-    for (int kc = 0; kc < BK / 16; ++kc) {
-      uint32_t da[4];  // dS rows (queries) x keys, read transposed from dS^T
-      ldsm_x4_t(da, sds + (kc * 16 + (lane & 7) + (lane >> 4) * 8) * QSTRIDE + qr +
-                        ((lane >> 3) & 1) * 8);
-#pragma unroll
-      for (int dp = 0; dp < DC / 16; ++dp) {
-        uint32_t b[4];
-        ldsm_x4_t(b, sk + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * STRIDE + dc0 +
-                         dp * 16 + (lane >> 4) * 8);
-        mma<T>(dq[2 * dp], da, b[0], b[1]);
-        mma<T>(dq[2 * dp + 1], da, b[2], b[3]);
-      }
-    }
-    // One 16-byte reduction per thread and n-tile (sm_90 vector atomics, a quarter of the scalar
-    // ones): lane pairs (tc, tc ^ 1) swap halves so that an even tc holds 4 columns of row gr and
-    // an odd tc the same 4 columns of row gr + 8.
-    {
-      const bool odd = tc & 1;
-      const int i = q0 + qr + gr + (odd ? 8 : 0);
-      float* dst = dq_acc + ((size_t)bh * a.tq + i) * D + dc0 + 2 * (tc & ~1);
-#pragma unroll
-      for (int nt = 0; nt < DC / 8; ++nt) {
-        const float r0 = __shfl_xor_sync(0xffffffffu, odd ? dq[nt][0] : dq[nt][2], 1);
-        const float r1 = __shfl_xor_sync(0xffffffffu, odd ? dq[nt][1] : dq[nt][3], 1);
-        const float4 val = odd ? make_float4(r0, r1, dq[nt][2], dq[nt][3])
-                               : make_float4(dq[nt][0], dq[nt][1], r0, r1);
-        if (i < a.tq) atomicAdd(reinterpret_cast<float4*>(dst + nt * 8), val);
-      }
-    }
+    dq_phase(q0);
     __syncthreads();  // the next prefetch overwrites this tile's buffers, the next tile sds
   }
 
@@ -876,13 +988,19 @@ __device__ __forceinline__ void att_bwd_finish_impl(const float* __restrict__ dq
     att_bwd_finish_body<T, size_t>(dq_acc, dkv_part, out, a);
 }
 
-// The second __launch_bounds__ figures cap registers so that 4 (forward d = 64) or 3 blocks share
-// a multiprocessor; `nvcc -Xptxas -v` shows every variant spill-free under them.
+// The second __launch_bounds__ figures cap registers so that 4 (forward d = 64), 3 or 2 (the
+// two-row-tile forward) blocks share a multiprocessor; `nvcc -Xptxas -v` shows every variant
+// spill-free under them.
 #define ATT_TC_KERNELS(T, SUFFIX)                                                               \
   extern "C" __global__ void __launch_bounds__(128, 4)                                          \
       attention_fwd_tc64_##SUFFIX(const T* q, const T* k, const T* v, T* o, float* lse,         \
                                   AttDims a) {                                                  \
     att_tc::fwd<T, 64, 4>(q, k, v, o, lse, a);                                                  \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(128, 2)                                          \
+      attention_fwd_tc64x2_##SUFFIX(const T* q, const T* k, const T* v, T* o, float* lse,       \
+                                    AttDims a) {                                                \
+    att_tc::fwd<T, 64, 4, ATT_TC_BK, 2, 2>(q, k, v, o, lse, a);                                 \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(128, 3)                                          \
       attention_fwd_tc128_##SUFFIX(const T* q, const T* k, const T* v, T* o, float* lse,        \

@@ -117,6 +117,55 @@ fn rows_launch(rows: usize, groups: usize) -> LaunchConfig {
     }
 }
 
+/// The tensor-core kernels' grid: heads in x, tiles in y, so that blocks start tile by tile across
+/// every head (heaviest first, see the kernels' comments). y is limited to 65535 blocks.
+fn tile_grid(heads: usize, tiles: usize) -> Result<(u32, u32, u32)> {
+    const MAX_Y: usize = 65535;
+    if tiles > MAX_Y {
+        return Err(shape_err(
+            OP,
+            format!("{tiles} tiles of one head exceed the grid's {MAX_Y}: sequence too long"),
+        ));
+    }
+    let heads = u32::try_from(heads)
+        .map_err(|_| shape_err(OP, format!("{heads} batch x heads exceed the grid")))?;
+    Ok((heads.max(1), tiles.max(1) as u32, 1))
+}
+
+/// The tensor-core forward for `tc` and its launch. At d = 64 a grid of two full waves or more
+/// of 128-row blocks takes `attention_fwd_tc64x2` (two 16-row tiles a warp, double-buffered K
+/// and V: fewer shared-memory reads per product, for twice the registers); smaller grids keep
+/// 64-row blocks, which leave fewer SMs idle at the causal tail.
+fn tc_fwd_launch(
+    dev: &CudaDevice,
+    tc: &str,
+    dtype: DType,
+    dm: &Dims,
+) -> Result<(String, LaunchConfig)> {
+    let heads = dm.b * dm.hq;
+    let threads = 32 * TC_FWD_WARPS as u32;
+    if tc == "tc64" {
+        let name = "attention_fwd_tc64x2";
+        let tiles = dm.tq.div_ceil(2 * 16 * TC_FWD_WARPS);
+        let (per_sm, sms) = MODULE.kernel_for(dev, name, dtype, OP)?.fit(threads, OP)?;
+        let wave = per_sm as usize * sms as usize;
+        if wave > 0 && heads * tiles >= 2 * wave {
+            let cfg = LaunchConfig {
+                grid_dim: tile_grid(heads, tiles)?,
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            return Ok((name.to_string(), cfg));
+        }
+    }
+    let cfg = LaunchConfig {
+        grid_dim: tile_grid(heads, dm.tq.div_ceil(16 * TC_FWD_WARPS))?,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((format!("attention_fwd_{tc}"), cfg))
+}
+
 /// `(o, lse)`: the output and the per-row logsumexp (f32 `[b, hq, tq]`).
 pub(super) fn fwd(
     q: (&CudaStorage, &Layout),
@@ -158,16 +207,7 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
             };
             ("attention_fwd_split".to_string(), cfg)
         } else if let Some(tc) = tensor_core_variant(T::DTYPE, &dm) {
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    dm.tq.div_ceil(16 * TC_FWD_WARPS) as u32,
-                    (dm.b * dm.hq) as u32,
-                    1,
-                ),
-                block_dim: (32 * TC_FWD_WARPS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            (format!("attention_fwd_{tc}"), cfg)
+            tc_fwd_launch(dev, tc, T::DTYPE, &dm)?
         } else {
             (
                 "attention_fwd".to_string(),
@@ -177,11 +217,11 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
         let kern = MODULE.kernel_for(dev, &name, T::DTYPE, OP)?;
         let mut b = kern.builder();
         b.arg(&q).arg(&k).arg(&v).arg(&o).arg(&lse).arg(&a);
-        // SAFETY: matches `attention_fwd{,_split,_tc64,_tc128}_*(const T*, const T*, const T*,
-        // T*, float*, AttDims)`; q/o hold b*hq*tq*d elements, k/v b*hkv*tk*d, lse b*hq*tq; a
-        // warp (or a block of SPLIT warps) per query row, or a tensor-core block of
-        // TC_FWD_WARPS warps per 16 * TC_FWD_WARPS rows (d matches the kernel's head dim:
-        // `tensor_core_variant`).
+        // SAFETY: matches `attention_fwd{,_split,_tc64,_tc64x2,_tc128}_*(const T*, const T*,
+        // const T*, T*, float*, AttDims)`; q/o hold b*hq*tq*d elements, k/v b*hkv*tk*d, lse
+        // b*hq*tq; a warp (or a block of SPLIT warps) per query row, or a tensor-core block of
+        // TC_FWD_WARPS warps per 16 * TC_FWD_WARPS rows (twice that for tc64x2: tc_fwd_launch),
+        // and d matches the kernel's head dim (`tensor_core_variant`).
         unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
     }
     let lse = Tensor::from_storage(
@@ -360,7 +400,7 @@ fn bwd_tensor_cores<T: CudaDType + DeviceRepr + WithDType>(
             .arg(&mut dkv_part)
             .arg(&a);
         let cfg = LaunchConfig {
-            grid_dim: (dm.tk.div_ceil(TC_TILE) as u32, (dm.b * dm.hq) as u32, 1),
+            grid_dim: tile_grid(dm.b * dm.hq, dm.tk.div_ceil(TC_TILE))?,
             block_dim: (TC_THREADS, 1, 1),
             shared_mem_bytes: smem,
         };

@@ -104,8 +104,15 @@ const TC_SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
 /// products (as FlashAttention does), which these bounds cover with room. q is drawn from
 /// [-2, 2) so that the softmax is far from uniform.
 fn attention_tensor_core_shapes_on(dev: &Device) -> Result<()> {
+    check_tc_shapes(dev, TC_SHAPES)
+}
+
+fn check_tc_shapes(
+    dev: &Device,
+    shapes: &[(usize, usize, usize, usize, usize, usize)],
+) -> Result<()> {
     for dtype in common::dtypes(dev).into_iter().filter(|d| *d != DType::F64) {
-        for (i, &s) in TC_SHAPES.iter().enumerate() {
+        for (i, &s) in shapes.iter().enumerate() {
             let ins: Vec<Tensor> = inputs_q_scaled(s, 500 + 10 * i as u64, 2.0)?
                 .iter()
                 .map(|t| t.to_dtype(dtype)?.to_device(dev))
@@ -132,6 +139,20 @@ test_device!(
     attention_tensor_core_shapes_match_reference_cpu,
     attention_tensor_core_shapes_match_reference_cuda
 );
+
+/// A grid of two full waves or more of 128-row blocks takes the two-row-tile forward
+/// (`attention_fwd_tc64x2`): here 4 x 32 heads x 9 query tiles = 1,152 blocks, two waves at two
+/// blocks an SM on cards of up to 288 SMs. 1090 queries (not a multiple of the tile) over 1150
+/// keys (an offset causal mask).
+#[cfg(feature = "cuda")]
+#[test]
+fn attention_two_row_tile_forward_matches_reference_cuda() -> Result<()> {
+    let Some(dev) = common::devices().into_iter().find(|d| d.is_cuda()) else {
+        eprintln!("no CUDA device: skipping attention_two_row_tile_forward_matches_reference_cuda");
+        return Ok(());
+    };
+    check_tc_shapes(&dev, &[(4, 32, 8, 1090, 1150, 64)])
+}
 
 /// Microseconds per call of the fused attention on CUDA, bf16, b 4, hq 14, hkv 2 (Qwen2.5-0.5B's
 /// heads): the forward alone, and forward + backward through autograd as `(o * r).backward()`
