@@ -1478,7 +1478,15 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        let len = b * m * n;
+        if k == 0 {
+            // an empty sum: gemm would have nothing to write
+            return Ok(vec![T::zero(); len]);
+        }
+        // lorafuse patch: the product is written into uninitialised memory (gemm with
+        // read_dst = false writes every element for k > 0), not over a zero-filled vector.
+        let mut dst: Vec<T> = Vec::with_capacity(len);
+        let dst_ptr = dst.spare_capacity_mut().as_mut_ptr() as *mut T;
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1502,13 +1510,15 @@ impl Map2 for MatMul {
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
+            // SAFETY: step * c_skip + m * n <= len (the capacity): each step writes its own
+            // m x n block of the allocation.
+            let dst_p = unsafe { dst_ptr.add(step * c_skip) };
             unsafe {
                 gemm(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_p,
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1527,6 +1537,8 @@ impl Map2 for MatMul {
                 )
             }
         }
+        // SAFETY: the b steps wrote all b * m * n elements (k > 0, read_dst = false).
+        unsafe { dst.set_len(len) };
         Ok(dst)
     }
 
