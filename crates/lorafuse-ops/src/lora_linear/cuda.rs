@@ -1,4 +1,7 @@
-//! CUDA: `y = x R0 + bias + s P R2` as at most two cuBLAS GEMMs into one output buffer.
+//! CUDA: `y = x R0 + bias + s P R2` as at most two cuBLAS GEMMs into one output buffer, or, for
+//! decode-sized inputs (1 to 16 rows), the whole forward in one kernel (`small`, in
+//! `lora_linear.cu`): where three cuBLAS calls and a bias copy cost a launch each for a few
+//! kilobytes of work.
 //!
 //! The bias (if any) is broadcast into `y` first; the base GEMM then runs with `beta = 1` (or 0
 //! without bias) and the low-rank GEMM with `alpha = s, beta = 1`, so the low-rank product is
@@ -48,12 +51,190 @@ impl EngineStorage for CudaStorage {
     }
 
     fn fwd(plan: &Plan, x: &Self, xl: &Layout, lr: Option<LowRank<Self>>) -> Result<(Self, Shape)> {
+        if lr.is_none() && plan.lowrank.is_none() {
+            // the frozen base alone: decode sizes take the LoRA kernel with rank 0, so that a
+            // LoRA layer whose B is zero gives bit for bit the base layer's output (where the
+            // LoRA call takes that kernel too: rank <= 64, P work within its bound)
+            let small = match x.dtype() {
+                DType::F32 => small::fwd::<f32>(plan, (x, xl), None)?,
+                DType::BF16 => small::fwd::<bf16>(plan, (x, xl), None)?,
+                DType::F16 => small::fwd::<f16>(plan, (x, xl), None)?,
+                _ => None,
+            };
+            if let Some((y, shape, _)) = small {
+                return Ok((y, shape));
+            }
+        }
         match x.dtype() {
             DType::F32 => fwd_t::<f32>(plan, x, xl, lr),
             DType::BF16 => fwd_t::<bf16>(plan, x, xl, lr),
             DType::F16 => fwd_t::<f16>(plan, x, xl, lr),
             _ => fwd_generic(plan, x, xl, lr),
         }
+    }
+
+    fn lora_small(
+        plan: &Plan,
+        x: (&Self, &Layout),
+        a: (&Self, &Layout),
+        b: (&Self, &Layout),
+    ) -> Result<Option<(Self, Shape, Self)>> {
+        let small = match x.0.dtype() {
+            DType::F32 => small::fwd::<f32>(plan, x, Some((a, b)))?,
+            DType::BF16 => small::fwd::<bf16>(plan, x, Some((a, b)))?,
+            DType::F16 => small::fwd::<f16>(plan, x, Some((a, b)))?,
+            _ => None,
+        };
+        Ok(small.and_then(|(y, shape, p)| p.map(|p| (y, shape, p))))
+    }
+}
+
+/// The one-launch LoRA forward for decode-sized inputs (`lora_linear.cu`).
+mod small {
+    use super::super::engine::{dims2, EngineStorage, Plan};
+    use super::super::OP;
+    use crate::cuda_util::{self, ptx_module, PtxModule};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{CudaStorage, Layout, Result, Shape, WithDType};
+
+    const MODULE: PtxModule = ptx_module!("lora_linear");
+    /// Input rows the kernels take (`NT` up to 16).
+    pub(super) const MAX_ROWS: usize = 16;
+    /// Rank limit of the kernels' shared P tile (`LS_MAX_R`).
+    const MAX_RANK: usize = 64;
+    /// Past this many multiply-adds for P (t * r * in), which every block repeats, the GEMM route
+    /// is cheaper.
+    const MAX_P_WORK: usize = 1 << 20;
+    /// Base weights past this many elements (32 MB in bf16) keep cuBLAS, whose matrix-vector
+    /// kernels are tuned for streaming large weights (an LM head); both the LoRA and the frozen
+    /// forward use this bound, so that they always take the same route for the same base.
+    const MAX_WEIGHT: usize = 1 << 24;
+    /// Warps of a block and output rows of a warp (`LS_WARPS`, `LS_ROWS`).
+    const WARPS: usize = 8;
+    const ROWS_PER_WARP: usize = 2;
+
+    /// A contiguous operand's elements, or `None` (the caller falls back).
+    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<Option<CudaView<'a, T>>> {
+        Ok(match l.contiguous_offsets() {
+            Some((start, end)) => Some(s.as_cuda_slice::<T>()?.slice(start..end)),
+            None => None,
+        })
+    }
+
+    /// `(y, shape, P)` for `x` `[t, in]` with `t <= MAX_ROWS`: the LoRA forward with the factors
+    /// `(A, B)`, or the frozen base alone (rank 0, no P) without them. `None` where the call is
+    /// not this kernel's: another plan shape, strided operands, a rank over 64, too much P work,
+    /// a large base weight.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn fwd<T: CudaDType + DeviceRepr + WithDType>(
+        plan: &Plan,
+        (x, xl): (&CudaStorage, &Layout),
+        factors: Option<((&CudaStorage, &Layout), (&CudaStorage, &Layout))>,
+    ) -> Result<Option<(CudaStorage, Shape, Option<CudaStorage>)>> {
+        if matches!(plan.w, Some((_, false))) || plan.lowrank.is_some() != factors.is_some() {
+            return Ok(None);
+        }
+        let (t, k) = dims2(xl, "x")?;
+        if t == 0 || t > MAX_ROWS || k == 0 {
+            return Ok(None);
+        }
+        let wt = plan.w.map(|(w, _)| w.storage_and_layout());
+        let bt = plan.bias.map(|b| b.storage_and_layout());
+        // (A, B, r, out, s)
+        let (low, n) = match (factors, plan.lowrank) {
+            (Some(((a, al), (b, bl))), Some((s, true))) => {
+                let (r, ak) = dims2(al, "A")?;
+                let (n, br) = dims2(bl, "B")?;
+                if r == 0 || r > MAX_RANK || ak != k || br != r || t * r * k > MAX_P_WORK {
+                    return Ok(None);
+                }
+                let (Some(av), Some(bv)) = (view::<T>(a, al)?, view::<T>(b, bl)?) else {
+                    return Ok(None);
+                };
+                (Some((av, bv, r, s)), n)
+            }
+            (None, None) => match &wt {
+                Some((_, wl)) => (None, dims2(wl, "W")?.0),
+                None => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        if let Some((_, wl)) = &wt {
+            if wl.dims() != [n, k] || n * k > MAX_WEIGHT {
+                return Ok(None);
+            }
+        }
+        if let Some((_, bl)) = &bt {
+            if bl.dims() != [n] {
+                return Ok(None);
+            }
+        }
+        let Some(xv) = view::<T>(x, xl)? else {
+            return Ok(None);
+        };
+        let wv = match &wt {
+            Some((ws, wl)) => match view::<T>(CudaStorage::pick(ws)?, wl)? {
+                Some(v) => Some(v),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let biasv = match &bt {
+            Some((bs, bl)) => match view::<T>(CudaStorage::pick(bs)?, bl)? {
+                Some(v) => Some(v),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let dev = &x.device;
+        let r = low.as_ref().map_or(0, |l| l.2);
+        let y = cuda_util::alloc::<T>(dev, t * n)?;
+        // P (a one-element placeholder at rank 0: the kernel writes t * r elements)
+        let p = cuda_util::alloc::<T>(dev, (t * r).max(1))?;
+        let nt = t.next_power_of_two();
+        let kern = MODULE.kernel_for(dev, &format!("lora_small{nt}"), T::DTYPE, OP)?;
+        let i = |v: usize, what: &str| cuda_util::to_i32(v, what, OP);
+        let (t_i, k_i, n_i, r_i) = (i(t, "rows")?, i(k, "in")?, i(n, "out")?, i(r, "rank")?);
+        let s32 = low.as_ref().map_or(0.0, |l| l.3 as f32);
+        // absent operands go in as null pointers (the kernel tests W and bias; A and B are not
+        // read at rank 0)
+        let null: u64 = 0;
+        let mut bld = kern.builder();
+        bld.arg(&xv);
+        match &wv {
+            Some(w) => bld.arg(w),
+            None => bld.arg(&null),
+        };
+        match &biasv {
+            Some(bv) => bld.arg(bv),
+            None => bld.arg(&null),
+        };
+        match &low {
+            Some((av, bv, _, _)) => bld.arg(av).arg(bv),
+            None => bld.arg(&null).arg(&null),
+        };
+        bld.arg(&y).arg(&p);
+        bld.arg(&t_i).arg(&k_i).arg(&n_i).arg(&r_i).arg(&s32);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(WARPS * ROWS_PER_WARP) as u32, 1, 1),
+            block_dim: ((32 * WARPS) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `lora_small{1,2,4,8,16}_*(const T* x, const T* w, const T* bias,
+        // const T* a, const T* b, T* y, T* p_out, int t, int in, int out, int r, float s)`: x
+        // holds t * in elements, W (or null) out * in, bias (or null) out, A (or null at r = 0)
+        // r * in, B (or null at r = 0) out * r, y t * out and P max(t * r, 1) (both fresh); NT =
+        // t rounded up to a power of two (<= 16) and r <= 64 (the kernel's shared P tile).
+        unsafe { bld.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
+        let y = cuda_util::wrap(y, dev);
+        let p = (r > 0).then(|| cuda_util::wrap(p, dev));
+        Ok(Some((y, Shape::from((t, n)), p)))
     }
 }
 

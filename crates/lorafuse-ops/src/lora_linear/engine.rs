@@ -55,6 +55,16 @@ pub(super) trait EngineStorage: BackendStorage + Sized {
     fn fwd(plan: &Plan, x: &Self, xl: &Layout, lr: Option<LowRank<Self>>) -> Result<(Self, Shape)> {
         fwd_generic(plan, x, xl, lr)
     }
+    /// The whole LoRA forward, `(y, shape, P)`, in one kernel where the backend has one for this
+    /// call (CUDA: decode-sized inputs); `None` takes the GEMM route.
+    fn lora_small(
+        _plan: &Plan,
+        _x: (&Self, &Layout),
+        _a: (&Self, &Layout),
+        _b: (&Self, &Layout),
+    ) -> Result<Option<(Self, Shape, Self)>> {
+        Ok(None)
+    }
 }
 
 /// The LoRA forward: `P = x A^T`, then the engine with `R2 = B^T`; returns `P` as a tensor too
@@ -65,9 +75,13 @@ pub(super) fn lora_fwd<S: EngineStorage>(
     (a, al): (&S, &Layout),
     (b, bl): (&S, &Layout),
 ) -> Result<(S, Shape, Tensor)> {
-    let p = lowrank_act(x, xl, a, al)?;
     let (rows, _) = dims2(xl, "x")?;
     let (r, _) = dims2(al, "A")?;
+    if let Some((y, shape, p)) = S::lora_small(plan, (x, xl), (a, al), (b, bl))? {
+        let p = Tensor::from_storage(p.wrap(), (rows, r), BackpropOp::none(), false);
+        return Ok((y, shape, p));
+    }
+    let p = lowrank_act(x, xl, a, al)?;
     let p = Tensor::from_storage(p.wrap(), (rows, r), BackpropOp::none(), false);
     let (y, shape) = {
         let (ps, pl) = p.storage_and_layout();

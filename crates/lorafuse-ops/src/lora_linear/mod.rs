@@ -6,8 +6,9 @@
 //! Every product here has the shape `y = x R0 + bias + s * P R2` (see [`engine`]): the forward
 //! with `R0 = W^T`, `P = x A^T`, `R2 = B^T`, and the input gradient with `R0 = W`, `P = g B`,
 //! `R2 = A`. Each backend evaluates that shape once: on CUDA the low-rank product is accumulated
-//! into the base GEMM's output (cuBLAS `beta = 1`), on the CPU one pass adds bias and low-rank
-//! term. The forward keeps `P = x A^T` (`rows x r`, small) in the op because `dB = s g^T P`.
+//! into the base GEMM's output (cuBLAS `beta = 1`), and inputs of 1 to 16 rows (decode) take one
+//! kernel for the whole forward, P included; on the CPU one pass adds bias and low-rank term.
+//! The forward keeps `P = x A^T` (`rows x r`, small) in the op because `dB = s g^T P`.
 //!
 //! Dispatch: the fused op for f32/f64/bf16/f16 (CUDA: f32/bf16/f16) when all operands share the
 //! input's dtype and device; otherwise (or under `LORAFUSE_KERNELS=reference`) the reference.
