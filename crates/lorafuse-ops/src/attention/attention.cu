@@ -6,10 +6,12 @@
 //             dq_i = scale * sum_j ds_ij k_j
 //             dk_j = scale * sum_{h in group, i} ds_ij q_i,  dv_j = sum_{h in group, i} p_ij do_i
 //
-// Two families of kernels. bf16/f16 with d = 64 or 128 take the tensor-core kernels in the
-// second half of this file (FlashAttention-2 style, `attention_{fwd,bwd}_tc{64,128}_*`). The
-// warp-per-row kernels below serve f32, other head dims, LORAFUSE_ATTENTION_KERNEL=simple, and
-// (split-key) every forward with tq <= 16.
+// Three families of kernels. bf16/f16 with d = 64 or 128 take the tensor-core kernels in the
+// second half of this file (FlashAttention-2 style, `attention_{fwd,bwd}_tc{64,128}_*`); the f32
+// forward with those head dims takes the tiled SIMT kernel before them
+// (`attention_fwd_f32t{64,128}_f32`). The warp-per-row kernels below serve the f32 backward,
+// other head dims, LORAFUSE_ATTENTION_KERNEL=simple, and (split-key) every forward with
+// tq <= 16.
 //
 // Design choices of the warp-per-row kernels (correctness first; d <= 128):
 // - One warp per row: a lane holds elements lane, lane + 32, lane + 64, lane + 96 of the row in
@@ -271,6 +273,186 @@ __device__ __forceinline__ void att_fwd_split_impl(const T* __restrict__ q,
   }
 
 LORAFUSE_FOR_DTYPES(ATT_KERNELS)
+
+// ---------------------------------------------------------------------------------------------
+// f32 forward, tiled (tensor cores take 16-bit operands; TF32 would not keep f32 accuracy).
+// A block of 256 threads per 64 query rows of one head, over 64-key tiles staged in shared
+// memory (rows padded by 4 floats), online softmax with expf as the warp-per-row kernel does.
+// Thread (ty, tx) = (t / 16, t % 16) owns query rows ty + 16 i and keys tx + 16 j (i, j < 4) of
+// the scores, and output columns 4 tx (+ 64 c) of those rows. With that interleaving, the
+// float4 reads of Q rows are broadcasts within a 16-lane group and the float4 reads of K and V
+// rows fall in distinct banks; every product step is 8 float4 reads for 64 FMAs. The 16 threads
+// of a row's group are 16 consecutive lanes, so row max and sum take 4 shuffles. P goes through
+// shared memory for P V. Grid (b * hq, ceil(tq / 64)), heaviest tiles first, like the
+// tensor-core forward; dynamic shared memory: `att_f32_smem_bytes`.
+#define ATT_F32_B 64    // query rows of a block, keys of a tile
+#define ATT_F32_PAD 4
+
+template <int D>
+__host__ __device__ constexpr int att_f32_smem_bytes() {
+  // Q, K, V tiles [64][D + 4] and P [64][64 + 4], f32
+  return 4 * (3 * ATT_F32_B * (D + ATT_F32_PAD) + ATT_F32_B * (ATT_F32_B + ATT_F32_PAD));
+}
+
+extern __shared__ __align__(16) float att_f32_smem[];
+
+// rows [r0, r0 + 64) of a row-major [n, D] f32 matrix into a shared tile of row stride LD;
+// rows at or past n are zeros. 16-byte loads unless the matrix starts unaligned (a view).
+template <int D, int LD>
+__device__ __forceinline__ void att_f32_load(float* sm, const float* __restrict__ g, int r0,
+                                             int n) {
+  constexpr int C4 = D / 4;
+  const bool vec = aligned16(g);
+  for (int e = threadIdx.x; e < ATT_F32_B * C4; e += 256) {
+    const int r = e / C4, c = (e - r * C4) * 4;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r0 + r < n) {
+      const float* src = g + (size_t)(r0 + r) * D + c;
+      v = vec ? *reinterpret_cast<const float4*>(src) : make_float4(src[0], src[1], src[2], src[3]);
+    }
+    *reinterpret_cast<float4*>(sm + r * LD + c) = v;
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void att_fwd_f32_tiled(const float* __restrict__ q,
+                                                  const float* __restrict__ k,
+                                                  const float* __restrict__ v,
+                                                  float* __restrict__ o, float* __restrict__ lse,
+                                                  AttDims a) {
+  constexpr int B = ATT_F32_B, LD = D + ATT_F32_PAD, LP = B + ATT_F32_PAD, DC = D / 64;
+  float* sq = att_f32_smem;
+  float* sk = sq + B * LD;
+  float* sv = sk + B * LD;
+  float* sp = sv + B * LD;
+  const int t = threadIdx.x, ty = t >> 4, tx = t & 15;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * B;
+  const int bh = blockIdx.x;
+  const int bi = bh / a.hq, h = bh % a.hq;
+  const int g = h / (a.hq / a.hkv);
+  const int off = a.tk - a.tq;
+  const float* kb = k + ((size_t)bi * a.hkv + g) * a.tk * D;
+  const float* vb = v + ((size_t)bi * a.hkv + g) * a.tk * D;
+  att_f32_load<D, LD>(sq, q + (size_t)bh * a.tq * D, q0, a.tq);
+
+  float m[4], l[4], acc[4][DC][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+#pragma unroll
+    for (int c = 0; c < DC; ++c) acc[i][c][0] = acc[i][c][1] = acc[i][c][2] = acc[i][c][3] = 0.f;
+  }
+  const int key_end = min(a.tq, q0 + B) + off;  // exclusive: keys the block's last row sees
+  for (int k0 = 0; k0 < key_end; k0 += B) {
+    __syncthreads();  // the previous tile's K, V and P are no longer read
+    att_f32_load<D, LD>(sk, kb, k0, a.tk);
+    att_f32_load<D, LD>(sv, vb, k0, a.tk);
+    __syncthreads();
+    float sc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
+#pragma unroll 4
+    for (int c = 0; c < D; c += 4) {
+      float4 qv[4], kv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) qv[i] = *reinterpret_cast<const float4*>(sq + (ty + 16 * i) * LD + c);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) kv[j] = *reinterpret_cast<const float4*>(sk + (tx + 16 * j) * LD + c);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          sc[i][j] = fmaf(qv[i].x, kv[j].x, sc[i][j]);
+          sc[i][j] = fmaf(qv[i].y, kv[j].y, sc[i][j]);
+          sc[i][j] = fmaf(qv[i].z, kv[j].z, sc[i][j]);
+          sc[i][j] = fmaf(qv[i].w, kv[j].w, sc[i][j]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = q0 + ty + 16 * i;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int key = k0 + tx + 16 * j;
+        sc[i][j] = key > row + off || key >= a.tk ? -INFINITY : sc[i][j] * a.scale;
+        mx = fmaxf(mx, sc[i][j]);
+      }
+#pragma unroll
+      for (int w = 1; w < 16; w <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, w));
+      const float m_new = fmaxf(m[i], mx);
+      // a row with no visible key yet keeps m = -inf: subtract 0 so no inf - inf appears
+      const float base = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = expf(m[i] - base);
+      m[i] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float p = expf(sc[i][j] - base);
+        sum += p;
+        sp[(ty + 16 * i) * LP + tx + 16 * j] = p;
+      }
+#pragma unroll
+      for (int w = 1; w < 16; w <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, w);
+      l[i] = l[i] * alpha + sum;
+#pragma unroll
+      for (int c = 0; c < DC; ++c) {
+        acc[i][c][0] *= alpha;
+        acc[i][c][1] *= alpha;
+        acc[i][c][2] *= alpha;
+        acc[i][c][3] *= alpha;
+      }
+    }
+    __syncthreads();  // P of every row is in shared memory
+#pragma unroll 2
+    for (int kk = 0; kk < B; kk += 4) {
+      float4 pv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pv[i] = *reinterpret_cast<const float4*>(sp + (ty + 16 * i) * LP + kk);
+#pragma unroll
+      for (int c = 0; c < DC; ++c) {
+        float4 vv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          vv[u] = *reinterpret_cast<const float4*>(sv + (kk + u) * LD + 64 * c + 4 * tx);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float pu[4] = {pv[i].x, pv[i].y, pv[i].z, pv[i].w};
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            acc[i][c][0] = fmaf(pu[u], vv[u].x, acc[i][c][0]);
+            acc[i][c][1] = fmaf(pu[u], vv[u].y, acc[i][c][1]);
+            acc[i][c][2] = fmaf(pu[u], vv[u].z, acc[i][c][2]);
+            acc[i][c][3] = fmaf(pu[u], vv[u].w, acc[i][c][3]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = q0 + ty + 16 * i;
+    if (row >= a.tq) continue;
+    const float inv = 1.f / l[i];
+    const size_t r = (size_t)bh * a.tq + row;
+#pragma unroll
+    for (int c = 0; c < DC; ++c)
+      *reinterpret_cast<float4*>(o + r * D + 64 * c + 4 * tx) =
+          make_float4(acc[i][c][0] * inv, acc[i][c][1] * inv, acc[i][c][2] * inv,
+                      acc[i][c][3] * inv);
+    if (tx == 0) lse[r] = m[i] + logf(l[i]);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd_f32t64_f32(
+    const float* q, const float* k, const float* v, float* o, float* lse, AttDims a) {
+  att_fwd_f32_tiled<64>(q, k, v, o, lse, a);
+}
+extern "C" __global__ void __launch_bounds__(256) attention_fwd_f32t128_f32(
+    const float* q, const float* k, const float* v, float* o, float* lse, AttDims a) {
+  att_fwd_f32_tiled<128>(q, k, v, o, lse, a);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core flash attention (FlashAttention-2 style) for bf16 / f16 and head dims 64 and 128.

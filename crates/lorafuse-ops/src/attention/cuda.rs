@@ -1,8 +1,8 @@
 //! Attention CUDA launchers for the kernels in `attention.cu`.
 //!
-//! bf16/f16 with head dim 64 or 128 run the tensor-core (FlashAttention-2 style) kernels; f32,
-//! other head dims and `LORAFUSE_ATTENTION_KERNEL=simple` (A/B timing, debugging) run the
-//! warp-per-row kernels. Short query blocks (`tq <= SPLIT_MAX_TQ`) keep the split-key forward
+//! bf16/f16 with head dim 64 or 128 run the tensor-core (FlashAttention-2 style) kernels; the
+//! f32 forward with those head dims runs the tiled f32 kernel; the f32 backward, other head dims
+//! and `LORAFUSE_ATTENTION_KERNEL=simple` (A/B timing, debugging) run the warp-per-row kernels. Short query blocks (`tq <= SPLIT_MAX_TQ`) keep the split-key forward
 //! whatever the dtype.
 
 use super::cpu::Dims;
@@ -65,6 +65,23 @@ fn tensor_core_variant(dtype: DType, dm: &Dims) -> Option<&'static str> {
         128 => Some("tc128"),
         _ => None,
     }
+}
+
+/// Query rows of a block and keys of a tile of the tiled f32 forward (`ATT_F32_B`).
+const F32_TILE: usize = 64;
+
+/// The tiled f32 forward's head dim (`attention_fwd_f32t{64,128}_f32`) when it takes a call:
+/// f32 storage, head dim 64 or 128, not `LORAFUSE_ATTENTION_KERNEL=simple`.
+fn f32_tiled_variant(dtype: DType, dm: &Dims) -> Option<usize> {
+    let simple =
+        std::env::var("LORAFUSE_ATTENTION_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("simple"));
+    (dtype == DType::F32 && matches!(dm.d, 64 | 128) && !simple).then_some(dm.d)
+}
+
+/// Dynamic shared memory of the tiled f32 forward: `att_f32_smem_bytes<D>()` in the kernel
+/// source (Q, K, V tiles of 64 rows of d + 4 floats, P of 64 x 68).
+fn f32_tiled_smem_bytes(d: usize) -> u32 {
+    (4 * (3 * F32_TILE * (d + 4) + F32_TILE * (F32_TILE + 4))) as u32
 }
 
 /// The kernels' `AttDims` argument.
@@ -208,6 +225,18 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
             ("attention_fwd_split".to_string(), cfg)
         } else if let Some(tc) = tensor_core_variant(T::DTYPE, &dm) {
             tc_fwd_launch(dev, tc, T::DTYPE, &dm)?
+        } else if let Some(d) = f32_tiled_variant(T::DTYPE, &dm) {
+            let name = format!("attention_fwd_f32t{d}");
+            let smem = f32_tiled_smem_bytes(d);
+            MODULE
+                .kernel_for(dev, &name, T::DTYPE, OP)?
+                .allow_dynamic_shared(smem, OP)?;
+            let cfg = LaunchConfig {
+                grid_dim: tile_grid(dm.b * dm.hq, dm.tq.div_ceil(F32_TILE))?,
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            (name, cfg)
         } else {
             (
                 "attention_fwd".to_string(),
@@ -217,11 +246,13 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
         let kern = MODULE.kernel_for(dev, &name, T::DTYPE, OP)?;
         let mut b = kern.builder();
         b.arg(&q).arg(&k).arg(&v).arg(&o).arg(&lse).arg(&a);
-        // SAFETY: matches `attention_fwd{,_split,_tc64,_tc64x2,_tc128}_*(const T*, const T*,
-        // const T*, T*, float*, AttDims)`; q/o hold b*hq*tq*d elements, k/v b*hkv*tk*d, lse
-        // b*hq*tq; a warp (or a block of SPLIT warps) per query row, or a tensor-core block of
-        // TC_FWD_WARPS warps per 16 * TC_FWD_WARPS rows (twice that for tc64x2: tc_fwd_launch),
-        // and d matches the kernel's head dim (`tensor_core_variant`).
+        // SAFETY: matches `attention_fwd{,_split,_tc64,_tc64x2,_tc128,_f32t64,_f32t128}_*(const
+        // T*, const T*, const T*, T*, float*, AttDims)`; q/o hold b*hq*tq*d elements, k/v
+        // b*hkv*tk*d, lse b*hq*tq; a warp (or a block of SPLIT warps) per query row, a
+        // tensor-core block of TC_FWD_WARPS warps per 16 * TC_FWD_WARPS rows (twice that for
+        // tc64x2: tc_fwd_launch), or a 256-thread f32 block per 64 rows with the dynamic shared
+        // memory its source asks for; d matches the kernel's head dim (`tensor_core_variant`,
+        // `f32_tiled_variant`).
         unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
     }
     let lse = Tensor::from_storage(
