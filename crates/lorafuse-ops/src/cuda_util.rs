@@ -211,6 +211,18 @@ pub(crate) fn supported_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
 }
 
+/// The contiguous data of a tensor argument as a typed view starting at its first element, or
+/// `None` for a strided layout (for callers that fall back to another route).
+pub(crate) fn try_contiguous_view<'a, T: CudaDType>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+) -> Result<Option<CudaView<'a, T>>> {
+    let slice = storage.as_cuda_slice::<T>()?;
+    Ok(layout
+        .contiguous_offsets()
+        .map(|(start, end)| slice.slice(start..end)))
+}
+
 /// The contiguous data of a tensor argument as a typed view starting at its first element; an
 /// [`OpError::Kernel`] names the op when the layout is strided (callers make inputs contiguous).
 pub(crate) fn contiguous_view<'a, T: CudaDType>(
@@ -218,9 +230,8 @@ pub(crate) fn contiguous_view<'a, T: CudaDType>(
     layout: &Layout,
     op: &'static str,
 ) -> Result<CudaView<'a, T>> {
-    let slice = storage.as_cuda_slice::<T>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(slice.slice(start..end)),
+    match try_contiguous_view(storage, layout)? {
+        Some(view) => Ok(view),
         None => Err(OpError::Kernel {
             op,
             msg: format!(

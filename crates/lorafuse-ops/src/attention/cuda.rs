@@ -2,8 +2,8 @@
 //!
 //! bf16/f16 with head dim 64 or 128 run the tensor-core (FlashAttention-2 style) kernels; the
 //! f32 forward with those head dims runs the tiled f32 kernel; the f32 backward, other head dims
-//! and `LORAFUSE_ATTENTION_KERNEL=simple` (A/B timing, debugging) run the warp-per-row kernels. Short query blocks (`tq <= SPLIT_MAX_TQ`) keep the split-key forward
-//! whatever the dtype.
+//! and `LORAFUSE_ATTENTION_KERNEL=simple` (A/B timing, debugging) run the warp-per-row kernels.
+//! Short query blocks (`tq <= SPLIT_MAX_TQ`) keep the split-key forward whatever the dtype.
 
 use super::cpu::Dims;
 use super::OP;
@@ -48,16 +48,11 @@ fn tc_bwd_smem_bytes(d: usize) -> u32 {
 
 /// The tensor-core kernels' head-dim suffix (`tc64`, `tc128`) when they take a call: 16-bit
 /// storage (the mma operands), a head dim they are instantiated for, a positive finite scale (the
-/// forward takes the row max before scaling), and not switched off by
-/// `LORAFUSE_ATTENTION_KERNEL=simple` (read once).
+/// forward takes the row max before scaling), and not switched off by [`simple_forced`].
 fn tensor_core_variant(dtype: DType, dm: &Dims) -> Option<&'static str> {
-    static SIMPLE: OnceLock<bool> = OnceLock::new();
-    let simple = *SIMPLE.get_or_init(|| {
-        std::env::var("LORAFUSE_ATTENTION_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("simple"))
-    });
     let scale = dm.scale as f32; // as the kernels get it
     let scale_ok = scale.is_finite() && scale > 0.0;
-    if simple || !scale_ok || !matches!(dtype, DType::BF16 | DType::F16) {
+    if simple_forced() || !scale_ok || !matches!(dtype, DType::BF16 | DType::F16) {
         return None;
     }
     match dm.d {
@@ -73,9 +68,15 @@ const F32_TILE: usize = 64;
 /// The tiled f32 forward's head dim (`attention_fwd_f32t{64,128}_f32`) when it takes a call:
 /// f32 storage, head dim 64 or 128, not `LORAFUSE_ATTENTION_KERNEL=simple`.
 fn f32_tiled_variant(dtype: DType, dm: &Dims) -> Option<usize> {
-    let simple =
-        std::env::var("LORAFUSE_ATTENTION_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("simple"));
-    (dtype == DType::F32 && matches!(dm.d, 64 | 128) && !simple).then_some(dm.d)
+    (dtype == DType::F32 && matches!(dm.d, 64 | 128) && !simple_forced()).then_some(dm.d)
+}
+
+/// `LORAFUSE_ATTENTION_KERNEL=simple`: every call takes the warp-per-row kernels (read once).
+fn simple_forced() -> bool {
+    static SIMPLE: OnceLock<bool> = OnceLock::new();
+    *SIMPLE.get_or_init(|| {
+        std::env::var("LORAFUSE_ATTENTION_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("simple"))
+    })
 }
 
 /// Dynamic shared memory of the tiled f32 forward: `att_f32_smem_bytes<D>()` in the kernel

@@ -13,6 +13,7 @@
 
 use super::engine::{dims2, epilogue_ops, fwd_generic, EngineStorage, LowRank, Plan};
 use super::OP;
+use crate::cuda_util::try_contiguous_view;
 use crate::error::shape_err;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
@@ -55,13 +56,7 @@ impl EngineStorage for CudaStorage {
             // the frozen base alone: decode sizes take the LoRA kernel with rank 0, so that a
             // LoRA layer whose B is zero gives bit for bit the base layer's output (where the
             // LoRA call takes that kernel too: rank <= 64, P work within its bound)
-            let small = match x.dtype() {
-                DType::F32 => small::fwd::<f32>(plan, (x, xl), None)?,
-                DType::BF16 => small::fwd::<bf16>(plan, (x, xl), None)?,
-                DType::F16 => small::fwd::<f16>(plan, (x, xl), None)?,
-                _ => None,
-            };
-            if let Some((y, shape, _)) = small {
+            if let Some((y, shape, _)) = small::fwd_any(plan, (x, xl), None)? {
                 return Ok((y, shape));
             }
         }
@@ -79,12 +74,7 @@ impl EngineStorage for CudaStorage {
         a: (&Self, &Layout),
         b: (&Self, &Layout),
     ) -> Result<Option<(Self, Shape, Self)>> {
-        let small = match x.0.dtype() {
-            DType::F32 => small::fwd::<f32>(plan, x, Some((a, b)))?,
-            DType::BF16 => small::fwd::<bf16>(plan, x, Some((a, b)))?,
-            DType::F16 => small::fwd::<f16>(plan, x, Some((a, b)))?,
-            _ => None,
-        };
+        let small = small::fwd_any(plan, x, Some((a, b)))?;
         Ok(small.and_then(|(y, shape, p)| p.map(|p| (y, shape, p))))
     }
 }
@@ -93,16 +83,16 @@ impl EngineStorage for CudaStorage {
 mod small {
     use super::super::engine::{dims2, EngineStorage, Plan};
     use super::super::OP;
-    use crate::cuda_util::{self, ptx_module, PtxModule};
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-    };
+    use crate::cuda_util::{self, ptx_module, try_contiguous_view, PtxModule};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::CudaDType;
-    use candle_core::{CudaStorage, Layout, Result, Shape, WithDType};
+    use candle_core::{CudaStorage, DType, Layout, Result, Shape, WithDType};
+    use half::{bf16, f16};
 
     const MODULE: PtxModule = ptx_module!("lora_linear");
     /// Input rows the kernels take (`NT` up to 16).
-    pub(super) const MAX_ROWS: usize = 16;
+    const MAX_ROWS: usize = 16;
     /// Rank limit of the kernels' shared P tile (`LS_MAX_R`).
     const MAX_RANK: usize = 64;
     /// Past this many multiply-adds for P (t * r * in), which every block repeats, the GEMM route
@@ -116,24 +106,30 @@ mod small {
     const WARPS: usize = 8;
     const ROWS_PER_WARP: usize = 2;
 
-    /// A contiguous operand's elements, or `None` (the caller falls back).
-    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<Option<CudaView<'a, T>>> {
-        Ok(match l.contiguous_offsets() {
-            Some((start, end)) => Some(s.as_cuda_slice::<T>()?.slice(start..end)),
-            None => None,
-        })
+    /// Operands of the kernel: the factors `(A, B)`, each a storage and its layout.
+    type Factors<'a> = Option<((&'a CudaStorage, &'a Layout), (&'a CudaStorage, &'a Layout))>;
+    /// What [`fwd`] returns: `(y, shape, P)`, or `None` for the GEMM route.
+    type Small = Option<(CudaStorage, Shape, Option<CudaStorage>)>;
+
+    /// [`fwd`] for the dtype of `x` (the storage dtypes the kernels exist for; `None` else).
+    pub(super) fn fwd_any(plan: &Plan, x: (&CudaStorage, &Layout), f: Factors) -> Result<Small> {
+        match x.0.dtype() {
+            DType::F32 => fwd::<f32>(plan, x, f),
+            DType::BF16 => fwd::<bf16>(plan, x, f),
+            DType::F16 => fwd::<f16>(plan, x, f),
+            _ => Ok(None),
+        }
     }
 
     /// `(y, shape, P)` for `x` `[t, in]` with `t <= MAX_ROWS`: the LoRA forward with the factors
     /// `(A, B)`, or the frozen base alone (rank 0, no P) without them. `None` where the call is
     /// not this kernel's: another plan shape, strided operands, a rank over 64, too much P work,
     /// a large base weight.
-    #[allow(clippy::type_complexity)]
-    pub(super) fn fwd<T: CudaDType + DeviceRepr + WithDType>(
+    fn fwd<T: CudaDType + DeviceRepr + WithDType>(
         plan: &Plan,
         (x, xl): (&CudaStorage, &Layout),
-        factors: Option<((&CudaStorage, &Layout), (&CudaStorage, &Layout))>,
-    ) -> Result<Option<(CudaStorage, Shape, Option<CudaStorage>)>> {
+        factors: Factors,
+    ) -> Result<Small> {
         if matches!(plan.w, Some((_, false))) || plan.lowrank.is_some() != factors.is_some() {
             return Ok(None);
         }
@@ -151,7 +147,10 @@ mod small {
                 if r == 0 || r > MAX_RANK || ak != k || br != r || t * r * k > MAX_P_WORK {
                     return Ok(None);
                 }
-                let (Some(av), Some(bv)) = (view::<T>(a, al)?, view::<T>(b, bl)?) else {
+                let (Some(av), Some(bv)) = (
+                    try_contiguous_view::<T>(a, al)?,
+                    try_contiguous_view::<T>(b, bl)?,
+                ) else {
                     return Ok(None);
                 };
                 (Some((av, bv, r, s)), n)
@@ -175,18 +174,18 @@ mod small {
                 return Ok(None);
             }
         }
-        let Some(xv) = view::<T>(x, xl)? else {
+        let Some(xv) = try_contiguous_view::<T>(x, xl)? else {
             return Ok(None);
         };
         let wv = match &wt {
-            Some((ws, wl)) => match view::<T>(CudaStorage::pick(ws)?, wl)? {
+            Some((ws, wl)) => match try_contiguous_view::<T>(CudaStorage::pick(ws)?, wl)? {
                 Some(v) => Some(v),
                 None => return Ok(None),
             },
             None => None,
         };
         let biasv = match &bt {
-            Some((bs, bl)) => match view::<T>(CudaStorage::pick(bs)?, bl)? {
+            Some((bs, bl)) => match try_contiguous_view::<T>(CudaStorage::pick(bs)?, bl)? {
                 Some(v) => Some(v),
                 None => return Ok(None),
             },
@@ -263,11 +262,8 @@ struct Rhs<'a, T> {
 impl<'a, T: GemmType> Rhs<'a, T> {
     fn new(s: &'a CudaStorage, l: &Layout, transposed: bool) -> Result<Option<Self>> {
         let (_, cols) = dims2(l, "weight")?;
-        let Some((start, end)) = l.contiguous_offsets() else {
-            return Ok(None);
-        };
-        Ok(Some(Self {
-            data: s.as_cuda_slice::<T>()?.slice(start..end),
+        Ok(try_contiguous_view::<T>(s, l)?.map(|data| Self {
+            data,
             cols,
             transposed,
         }))
@@ -389,19 +385,16 @@ fn fwd_t<T: GemmType>(
     };
     let low = match (lr, plan.lowrank) {
         (Some((p, pl, r2, r2l)), Some((s, t))) => {
-            match (Rhs::<T>::new(r2, r2l, t)?, pl.contiguous_offsets()) {
-                (Some(r), Some((ps, pe))) => {
-                    Some((p.as_cuda_slice::<T>()?.slice(ps..pe), dims2(pl, "P")?, r, s))
-                }
+            match (Rhs::<T>::new(r2, r2l, t)?, try_contiguous_view::<T>(p, pl)?) {
+                (Some(r), Some(pv)) => Some((pv, dims2(pl, "P")?, r, s)),
                 _ => return fwd_generic(plan, x, xl, lr),
             }
         }
         _ => None,
     };
-    let Some((xs, xe)) = xl.contiguous_offsets() else {
+    let Some(xv) = try_contiguous_view::<T>(x, xl)? else {
         return fwd_generic(plan, x, xl, lr);
     };
-    let xv = x.as_cuda_slice::<T>()?.slice(xs..xe);
     let n = match (&base, &low) {
         (Some(b), _) => b.kn().1,
         (None, Some((_, _, r, _))) => r.kn().1,
