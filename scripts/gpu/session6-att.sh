@@ -10,12 +10,8 @@
 # Call 4: whole-tile fast path in load_tile. Call 3: load_tile unrolled (all variants), two 16-row tiles a warp (m2, m2s2, w2m2).
 # Staged: .gpu/{lorafuse.gz,ops.gz,liger wheel,device-env.sh,bench/}.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
 R=/tmp/s6att4
-mkdir -p "$OUT" "$R"
-source .gpu/device-env.sh > "$R/device.txt"
-cat "$R/device.txt"
-for f in .gpu/*.gz; do gunzip -kf "$f" && chmod +x "${f%.gz}"; done
+source scripts/gpu/device-setup.sh
 # correctness of every variant that could be adopted
 for v in "" s2 w8 m2 m2s2 w2m2; do
   LORAFUSE_ATT_FWD=$v ./.gpu/ops attention --test-threads 1 2>&1 | grep -E "^test |test result|panicked" > "$R/tests_fwd_$v.log"

@@ -2,12 +2,8 @@
 # Session 6, call 6 (a diagnostic build): the 8-warp, 128-key attention backward
 # (LORAFUSE_ATT_BWD=w8, that build only) against the 4-warp, 64-key one, same call.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
 R=/tmp/s6bwd
-mkdir -p "$OUT" "$R"
-source .gpu/device-env.sh > "$R/device.txt"
-cat "$R/device.txt"
-for f in .gpu/*.gz; do gunzip -kf "$f" && chmod +x "${f%.gz}"; done
+source scripts/gpu/device-setup.sh
 for v in "" w8; do
   LORAFUSE_ATT_BWD=$v ./.gpu/ops attention --test-threads 1 2>&1 | grep -E "^test |test result|panicked" > "$R/tests_bwd_$v.log"
   echo "bwd variant '$v': $(tail -1 "$R/tests_bwd_$v.log")"

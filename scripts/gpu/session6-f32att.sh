@@ -2,12 +2,8 @@
 # Session 6, call 14: the tiled f32 attention forward. Every CUDA op test, then f32 and bf16
 # attention from `bench ops` and SDPA (f32: its memory-efficient backend) in the same call, twice.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
 R=/tmp/s6f32
-mkdir -p "$OUT" "$R"
-source .gpu/device-env.sh > "$R/device.txt"
-cat "$R/device.txt"
-for f in .gpu/*.gz; do gunzip -kf "$f" && chmod +x "${f%.gz}"; done
+source scripts/gpu/device-setup.sh
 ./.gpu/ops cuda --test-threads 1 2>&1 | grep -E "^test |test result|panicked|max rel" > "$R/ops_tests.log"
 tail -1 "$R/ops_tests.log"; grep -E "FAILED|panicked|max rel" "$R/ops_tests.log"
 for round in 1 2; do

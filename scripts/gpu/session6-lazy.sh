@@ -3,12 +3,8 @@
 # running max moves only when a tile's exceeds it by 2^8 (no rescale of the accumulators in most
 # tiles), against the committed forwards, same call, three rounds alternating.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
 R=/tmp/s6lazy
-mkdir -p "$OUT" "$R"
-source .gpu/device-env.sh > "$R/device.txt"
-cat "$R/device.txt"
-for f in .gpu/*.gz; do gunzip -kf "$f" && chmod +x "${f%.gz}"; done
+source scripts/gpu/device-setup.sh
 for v in 0 1; do
   LORAFUSE_ATT_LAZY=$v ./.gpu/ops attention --test-threads 1 2>&1 | grep -E "^test |test result|panicked" > "$R/tests_lazy$v.log"
   echo "lazy=$v: $(tail -1 "$R/tests_lazy$v.log")"

@@ -6,12 +6,8 @@
 # random SmolLM2-shaped model, this build against the one before the kernel (lorafuse-before),
 # alternating. Staged: .gpu/{lorafuse.gz,lorafuse-before.gz,ops.gz,device-env.sh,bench/}.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
 R=/tmp/s6lora
-mkdir -p "$OUT" "$R"
-source .gpu/device-env.sh > "$R/device.txt"
-cat "$R/device.txt"
-for f in .gpu/*.gz; do gunzip -kf "$f" && chmod +x "${f%.gz}"; done
+source scripts/gpu/device-setup.sh
 ./.gpu/ops cuda --test-threads 1 2>&1 | grep -E "^test |test result|panicked" > "$R/ops_tests.log"
 tail -1 "$R/ops_tests.log"; grep -E "FAILED|panicked" "$R/ops_tests.log"
 for round in 1 2; do

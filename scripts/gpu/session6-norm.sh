@@ -5,12 +5,8 @@
 # LORAFUSE_NORM_EARLY=1 in that build only) against our default and the same shape without the
 # early weight, with Liger timed in the same call.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
 R=/tmp/s6norm
-mkdir -p "$OUT" "$R"
-source .gpu/device-env.sh > "$R/device.txt"
-cat "$R/device.txt"
-for f in .gpu/*.gz; do gunzip -kf "$f" && chmod +x "${f%.gz}"; done
+source scripts/gpu/device-setup.sh
 LORAFUSE_ROW_PACKS=2 LORAFUSE_ROWS_PERSISTENT=0 LORAFUSE_NORM_EARLY=1 ./.gpu/ops rms_norm --test-threads 1 2>&1 | grep -E "^test |test result|panicked" > "$R/tests_early.log"
 echo "early: $(tail -1 "$R/tests_early.log")"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
