@@ -7,11 +7,11 @@
 //             dk_j = scale * sum_{h in group, i} ds_ij q_i,  dv_j = sum_{h in group, i} p_ij do_i
 //
 // Three families of kernels. bf16/f16 with d = 64 or 128 take the tensor-core kernels in the
-// second half of this file (FlashAttention-2 style, `attention_{fwd,bwd}_tc{64,128}_*`); the f32
-// forward with those head dims takes the tiled SIMT kernel before them
-// (`attention_fwd_f32t{64,128}_f32`). The warp-per-row kernels below serve the f32 backward,
-// other head dims, LORAFUSE_ATTENTION_KERNEL=simple, and (split-key) every forward with
-// tq <= 16.
+// second half of this file (FlashAttention-2 style, `attention_{fwd,bwd}_tc{64,128}_*`); f32
+// with those head dims takes the tiled SIMT kernels (`attention_fwd_f32t{64,128}_f32` before
+// them, the backward's `attention_bwd_{dq,dkv}_f32t{64,128}_f32` at the end). The warp-per-row
+// kernels below serve other head dims, LORAFUSE_ATTENTION_KERNEL=simple, and (split-key) every
+// forward with tq <= 16.
 //
 // Design choices of the warp-per-row kernels (correctness first; d <= 128):
 // - One warp per row: a lane holds elements lane, lane + 32, lane + 64, lane + 96 of the row in
@@ -314,6 +314,66 @@ __device__ __forceinline__ void att_f32_load(float* sm, const float* __restrict_
   }
 }
 
+// sc[i][j] += sum over c < D of A[ty + 16 i][c] * B[tx + 16 j][c], for thread (ty, tx) =
+// (t / 16, t % 16) and two shared tiles of row stride LD: the score-shaped products (Q K^T and
+// dO V^T, or their transposes K Q^T and V dO^T in the backward).
+template <int D, int LD>
+__device__ __forceinline__ void att_f32_rows_dot(const float* __restrict__ sa,
+                                                 const float* __restrict__ sb, float (&sc)[4][4]) {
+  const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+#pragma unroll 4
+  for (int c = 0; c < D; c += 4) {
+    float4 av[4], bv[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) av[i] = *reinterpret_cast<const float4*>(sa + (ty + 16 * i) * LD + c);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) bv[j] = *reinterpret_cast<const float4*>(sb + (tx + 16 * j) * LD + c);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        sc[i][j] = fmaf(av[i].x, bv[j].x, sc[i][j]);
+        sc[i][j] = fmaf(av[i].y, bv[j].y, sc[i][j]);
+        sc[i][j] = fmaf(av[i].z, bv[j].z, sc[i][j]);
+        sc[i][j] = fmaf(av[i].w, bv[j].w, sc[i][j]);
+      }
+  }
+}
+
+// acc[i][c][e] += sum over u < 64 of P[ty + 16 i][u] * M[u][64 c + 4 tx + e]: a 64 x 64 tile P
+// (row stride LP) times a 64 x D tile M (row stride LD), the P V-shaped products (P V, and in the
+// backward dS K, P^T dO and dS^T Q).
+template <int D, int LD, int LP>
+__device__ __forceinline__ void att_f32_acc(const float* __restrict__ sp,
+                                            const float* __restrict__ sm,
+                                            float (&acc)[4][D / 64][4]) {
+  const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+#pragma unroll 2
+  for (int kk = 0; kk < ATT_F32_B; kk += 4) {
+    float4 pv[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pv[i] = *reinterpret_cast<const float4*>(sp + (ty + 16 * i) * LP + kk);
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) {
+      float4 mv[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        mv[u] = *reinterpret_cast<const float4*>(sm + (kk + u) * LD + 64 * c + 4 * tx);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float pu[4] = {pv[i].x, pv[i].y, pv[i].z, pv[i].w};
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          acc[i][c][0] = fmaf(pu[u], mv[u].x, acc[i][c][0]);
+          acc[i][c][1] = fmaf(pu[u], mv[u].y, acc[i][c][1]);
+          acc[i][c][2] = fmaf(pu[u], mv[u].z, acc[i][c][2]);
+          acc[i][c][3] = fmaf(pu[u], mv[u].w, acc[i][c][3]);
+        }
+      }
+    }
+  }
+}
+
 template <int D>
 __device__ __forceinline__ void att_fwd_f32_tiled(const float* __restrict__ q,
                                                   const float* __restrict__ k,
@@ -352,23 +412,7 @@ __device__ __forceinline__ void att_fwd_f32_tiled(const float* __restrict__ q,
     float sc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
-#pragma unroll 4
-    for (int c = 0; c < D; c += 4) {
-      float4 qv[4], kv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) qv[i] = *reinterpret_cast<const float4*>(sq + (ty + 16 * i) * LD + c);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) kv[j] = *reinterpret_cast<const float4*>(sk + (tx + 16 * j) * LD + c);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          sc[i][j] = fmaf(qv[i].x, kv[j].x, sc[i][j]);
-          sc[i][j] = fmaf(qv[i].y, kv[j].y, sc[i][j]);
-          sc[i][j] = fmaf(qv[i].z, kv[j].z, sc[i][j]);
-          sc[i][j] = fmaf(qv[i].w, kv[j].w, sc[i][j]);
-        }
-    }
+    att_f32_rows_dot<D, LD>(sq, sk, sc);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int row = q0 + ty + 16 * i;
@@ -405,30 +449,7 @@ __device__ __forceinline__ void att_fwd_f32_tiled(const float* __restrict__ q,
       }
     }
     __syncthreads();  // P of every row is in shared memory
-#pragma unroll 2
-    for (int kk = 0; kk < B; kk += 4) {
-      float4 pv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pv[i] = *reinterpret_cast<const float4*>(sp + (ty + 16 * i) * LP + kk);
-#pragma unroll
-      for (int c = 0; c < DC; ++c) {
-        float4 vv[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-          vv[u] = *reinterpret_cast<const float4*>(sv + (kk + u) * LD + 64 * c + 4 * tx);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float pu[4] = {pv[i].x, pv[i].y, pv[i].z, pv[i].w};
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            acc[i][c][0] = fmaf(pu[u], vv[u].x, acc[i][c][0]);
-            acc[i][c][1] = fmaf(pu[u], vv[u].y, acc[i][c][1]);
-            acc[i][c][2] = fmaf(pu[u], vv[u].z, acc[i][c][2]);
-            acc[i][c][3] = fmaf(pu[u], vv[u].w, acc[i][c][3]);
-          }
-        }
-      }
-    }
+    att_f32_acc<D, LD, LP>(sp, sv, acc);
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -1212,3 +1233,206 @@ __device__ __forceinline__ void att_bwd_finish_impl(const float* __restrict__ dq
 // Tensor cores take 16-bit operands only: f32 keeps the kernels above.
 ATT_TC_KERNELS(__nv_bfloat16, bf16)
 ATT_TC_KERNELS(__half, f16)
+
+// ---------------------------------------------------------------------------------------------
+// f32 backward, tiled: the forward's SIMT pattern (64 x 64 tiles in shared memory, thread
+// (t / 16, t % 16) owning 4 x 4 interleaved entries of each score-shaped tile) in two kernels,
+// no atomics, so the f32 gradients are deterministic:
+// - `attention_bwd_dq_f32t*`: a block per 64 query rows of a head walks the key tiles those rows
+//   see: S = Q K^T and dP = dO V^T, dS = P (dP - D), dQ += dS K (dS through shared memory).
+//   Writes dq_acc rows (scaled) in full.
+// - `attention_bwd_dkv_f32t*`: a block per 64 keys of a query head walks the query tiles that
+//   see them: S^T = K Q^T and dP^T = V dO^T, dV += P^T dO and dK += dS^T Q. Writes its head's
+//   rows of dkv_part; `attention_bwd_finish_f32` sums them over each GQA group, as for the
+//   tensor-core backward.
+// D_i comes from `attention_bwd_delta_f32` first. Dynamic shared memory: `att_f32_bwd_smem_bytes`.
+template <int D>
+__host__ __device__ constexpr int att_f32_bwd_smem_bytes() {
+  // four [64][D + 4] tiles, two [64][64 + 4] tiles, lse and D of 64 rows; f32
+  return 4 * (4 * ATT_F32_B * (D + ATT_F32_PAD) + 2 * ATT_F32_B * (ATT_F32_B + ATT_F32_PAD) +
+              2 * ATT_F32_B);
+}
+
+template <int D>
+__device__ __forceinline__ void att_bwd_dq_f32_tiled(const float* __restrict__ q,
+                                                     const float* __restrict__ k,
+                                                     const float* __restrict__ v,
+                                                     const float* __restrict__ dout,
+                                                     const float* __restrict__ lse,
+                                                     const float* __restrict__ delta,
+                                                     float* __restrict__ dq_acc, AttDims a) {
+  constexpr int B = ATT_F32_B, LD = D + ATT_F32_PAD, LP = B + ATT_F32_PAD, DC = D / 64;
+  float* sq = att_f32_smem;
+  float* sdo = sq + B * LD;
+  float* sk = sdo + B * LD;
+  float* sv = sk + B * LD;
+  float* sds = sv + B * LD;
+  const int t = threadIdx.x, ty = t >> 4, tx = t & 15;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * B;  // the last rows see the most keys: first
+  const int bh = blockIdx.x;
+  const int bi = bh / a.hq, h = bh % a.hq;
+  const int g = h / (a.hq / a.hkv);
+  const int off = a.tk - a.tq;
+  const float* kb = k + ((size_t)bi * a.hkv + g) * a.tk * D;
+  const float* vb = v + ((size_t)bi * a.hkv + g) * a.tk * D;
+  att_f32_load<D, LD>(sq, q + (size_t)bh * a.tq * D, q0, a.tq);
+  att_f32_load<D, LD>(sdo, dout + (size_t)bh * a.tq * D, q0, a.tq);
+  float lr[4], dr[4], acc[4][DC][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = q0 + ty + 16 * i;
+    const size_t r = (size_t)bh * a.tq + min(row, a.tq - 1);
+    lr[i] = lse[r];
+    dr[i] = delta[r];
+#pragma unroll
+    for (int c = 0; c < DC; ++c) acc[i][c][0] = acc[i][c][1] = acc[i][c][2] = acc[i][c][3] = 0.f;
+  }
+  const int key_end = min(a.tq, q0 + B) + off;  // exclusive: keys the block's last row sees
+  for (int k0 = 0; k0 < key_end; k0 += B) {
+    __syncthreads();  // the previous tile's K, V and dS are no longer read
+    att_f32_load<D, LD>(sk, kb, k0, a.tk);
+    att_f32_load<D, LD>(sv, vb, k0, a.tk);
+    __syncthreads();
+    float s[4][4], dp[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[i][j] = dp[i][j] = 0.f;
+    att_f32_rows_dot<D, LD>(sq, sk, s);
+    att_f32_rows_dot<D, LD>(sdo, sv, dp);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = q0 + ty + 16 * i;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int key = k0 + tx + 16 * j;
+        const bool seen = key <= row + off && key < a.tk && row < a.tq;
+        const float p = seen ? expf(fmaf(s[i][j], a.scale, -lr[i])) : 0.f;
+        sds[(ty + 16 * i) * LP + tx + 16 * j] = p * (dp[i][j] - dr[i]);
+      }
+    }
+    __syncthreads();  // dS of every row is in shared memory
+    att_f32_acc<D, LD, LP>(sds, sk, acc);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = q0 + ty + 16 * i;
+    if (row >= a.tq) continue;
+    float* dst = dq_acc + ((size_t)bh * a.tq + row) * D + 4 * tx;
+#pragma unroll
+    for (int c = 0; c < DC; ++c)
+      *reinterpret_cast<float4*>(dst + 64 * c) =
+          make_float4(acc[i][c][0] * a.scale, acc[i][c][1] * a.scale, acc[i][c][2] * a.scale,
+                      acc[i][c][3] * a.scale);
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void att_bwd_dkv_f32_tiled(const float* __restrict__ q,
+                                                      const float* __restrict__ k,
+                                                      const float* __restrict__ v,
+                                                      const float* __restrict__ dout,
+                                                      const float* __restrict__ lse,
+                                                      const float* __restrict__ delta,
+                                                      float* __restrict__ dkv_part, AttDims a) {
+  constexpr int B = ATT_F32_B, LD = D + ATT_F32_PAD, LP = B + ATT_F32_PAD, DC = D / 64;
+  float* sk = att_f32_smem;
+  float* sv = sk + B * LD;
+  float* sq = sv + B * LD;
+  float* sdo = sq + B * LD;
+  float* spt = sdo + B * LD;
+  float* sdst = spt + B * LP;
+  float* s_lse = sdst + B * LP;
+  float* s_delta = s_lse + B;
+  const int t = threadIdx.x, ty = t >> 4, tx = t & 15;
+  const int k0 = blockIdx.y * B;  // the first keys are seen by the most queries: first
+  const int bh = blockIdx.x;
+  const int bi = bh / a.hq, h = bh % a.hq;
+  const int g = h / (a.hq / a.hkv);
+  const int off = a.tk - a.tq;
+  const float* qb = q + (size_t)bh * a.tq * D;
+  const float* dob = dout + (size_t)bh * a.tq * D;
+  att_f32_load<D, LD>(sk, k + ((size_t)bi * a.hkv + g) * a.tk * D, k0, a.tk);
+  att_f32_load<D, LD>(sv, v + ((size_t)bi * a.hkv + g) * a.tk * D, k0, a.tk);
+  float ak[4][DC][4], av[4][DC][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int c = 0; c < DC; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ak[i][c][e] = av[i][c][e] = 0.f;
+  // query i sees key j when j <= i + off: start at the tile of the first query that sees k0
+  for (int q0 = max(0, k0 - off) / B * B; q0 < a.tq; q0 += B) {
+    __syncthreads();  // the previous tile's Q, dO, P^T and dS^T are no longer read
+    att_f32_load<D, LD>(sq, qb, q0, a.tq);
+    att_f32_load<D, LD>(sdo, dob, q0, a.tq);
+    if (t < B) {
+      const size_t r = (size_t)bh * a.tq + min(q0 + t, a.tq - 1);
+      s_lse[t] = lse[r];
+      s_delta[t] = delta[r];
+    }
+    __syncthreads();
+    float st[4][4], dpt[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) st[i][j] = dpt[i][j] = 0.f;
+    att_f32_rows_dot<D, LD>(sk, sq, st);
+    att_f32_rows_dot<D, LD>(sv, sdo, dpt);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = k0 + ty + 16 * i;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int ql = tx + 16 * j, qi = q0 + ql;
+        const bool seen = key <= qi + off && key < a.tk && qi < a.tq;
+        const float p = seen ? expf(fmaf(st[i][j], a.scale, -s_lse[ql])) : 0.f;
+        spt[(ty + 16 * i) * LP + ql] = p;
+        sdst[(ty + 16 * i) * LP + ql] = p * (dpt[i][j] - s_delta[ql]);
+      }
+    }
+    __syncthreads();  // P^T and dS^T of every key are in shared memory
+    att_f32_acc<D, LD, LP>(spt, sdo, av);
+    att_f32_acc<D, LD, LP>(sdst, sq, ak);
+  }
+  const size_t part = (size_t)a.b * a.hq * a.tk * D;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int key = k0 + ty + 16 * i;
+    if (key >= a.tk) continue;
+    float* dkr = dkv_part + ((size_t)bh * a.tk + key) * D + 4 * tx;
+#pragma unroll
+    for (int c = 0; c < DC; ++c) {
+      *reinterpret_cast<float4*>(dkr + 64 * c) =
+          make_float4(ak[i][c][0] * a.scale, ak[i][c][1] * a.scale, ak[i][c][2] * a.scale,
+                      ak[i][c][3] * a.scale);
+      *reinterpret_cast<float4*>(dkr + part + 64 * c) =
+          make_float4(av[i][c][0], av[i][c][1], av[i][c][2], av[i][c][3]);
+    }
+  }
+}
+
+// The second __launch_bounds__ figure keeps d = 64 at two blocks an SM (128 registers), which
+// its shared memory (about 105 KB a block) also allows; d = 128 runs one block an SM.
+#define ATT_F32_BWD_KERNELS(D, MINB)                                                             \
+  extern "C" __global__ void __launch_bounds__(256, MINB) attention_bwd_dq_f32t##D##_f32(        \
+      const float* q, const float* k, const float* v, const float* dout, const float* lse,       \
+      const float* delta, float* dq_acc, AttDims a) {                                           \
+    att_bwd_dq_f32_tiled<D>(q, k, v, dout, lse, delta, dq_acc, a);                               \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(256, MINB) attention_bwd_dkv_f32t##D##_f32(       \
+      const float* q, const float* k, const float* v, const float* dout, const float* lse,       \
+      const float* delta, float* dkv_part, AttDims a) {                                         \
+    att_bwd_dkv_f32_tiled<D>(q, k, v, dout, lse, delta, dkv_part, a);                            \
+  }
+ATT_F32_BWD_KERNELS(64, 2)
+ATT_F32_BWD_KERNELS(128, 1)
+
+extern "C" __global__ void attention_bwd_delta_f32(const float* o, const float* dout,
+                                                   float* delta, AttDims a) {
+  att_bwd_delta_impl<float>(o, dout, delta, a);
+}
+extern "C" __global__ void attention_bwd_finish_f32(const float* dq_acc, const float* dkv_part,
+                                                    float* out, AttDims a) {
+  att_bwd_finish_impl<float>(dq_acc, dkv_part, out, a);
+}

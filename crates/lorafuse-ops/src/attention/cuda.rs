@@ -1,8 +1,9 @@
 //! Attention CUDA launchers for the kernels in `attention.cu`.
 //!
-//! bf16/f16 with head dim 64 or 128 run the tensor-core (FlashAttention-2 style) kernels; the
-//! f32 forward with those head dims runs the tiled f32 kernel; the f32 backward, other head dims
-//! and `LORAFUSE_ATTENTION_KERNEL=simple` (A/B timing, debugging) run the warp-per-row kernels.
+//! bf16/f16 with head dim 64 or 128 run the tensor-core (FlashAttention-2 style) kernels; f32
+//! with those head dims runs the tiled SIMT kernels (forward, and a dq and a dk/dv kernel
+//! backward); other head dims and `LORAFUSE_ATTENTION_KERNEL=simple` (A/B timing, debugging) run
+//! the warp-per-row kernels.
 //! Short query blocks (`tq <= SPLIT_MAX_TQ`) keep the split-key forward whatever the dtype.
 
 use super::cpu::Dims;
@@ -333,9 +334,17 @@ fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
     if rows == 0 {
         return Ok(cuda_util::wrap(out, dev));
     }
-    if let Some(tc) = tensor_core_variant(T::DTYPE, &dm) {
-        bwd_tensor_cores::<T>(
-            tc,
+    let tiled = match (
+        tensor_core_variant(T::DTYPE, &dm),
+        f32_tiled_variant(T::DTYPE, &dm),
+    ) {
+        (Some(tc), _) => Some(TiledBwd::TensorCore(tc)),
+        (None, Some(d)) => Some(TiledBwd::F32(d)),
+        (None, None) => None,
+    };
+    if let Some(kind) = tiled {
+        bwd_tiled::<T>(
+            kind,
             dev,
             (&q, &k, &v, &o, &g, &lse),
             &mut delta,
@@ -384,12 +393,27 @@ fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
     Ok(cuda_util::wrap(out, dev))
 }
 
-/// The tensor-core backward: `D = rowsum(dO * O)`, then the FlashAttention-2 pass (dq into an f32
-/// buffer by atomics, dk/dv per query head into f32 partials), then one pass that sums the
-/// partials over each GQA group and writes the packed `[dq | dk | dv]`.
+/// Which tiled backward takes a call: the tensor-core kernels (`tc64`, `tc128`) or the f32 SIMT
+/// ones for head dim 64 or 128.
+#[derive(Clone, Copy)]
+enum TiledBwd {
+    TensorCore(&'static str),
+    F32(usize),
+}
+
+/// Dynamic shared memory of the tiled f32 backward kernels: `att_f32_bwd_smem_bytes<D>()` in the
+/// kernel source (four 64-row tiles of d + 4 floats, two of 64 + 4, lse and D of 64 rows).
+fn f32_bwd_smem_bytes(d: usize) -> u32 {
+    (4 * (4 * F32_TILE * (d + 4) + 2 * F32_TILE * (F32_TILE + 4) + 2 * F32_TILE)) as u32
+}
+
+/// The tiled backward: `D = rowsum(dO * O)`, then the main pass into f32 buffers (the tensor-core
+/// kernel: dq by atomics into a zeroed buffer and dk/dv per query head; f32: a dq kernel and a
+/// dk/dv kernel per query head, no atomics), then one pass that sums the dk/dv partials over each
+/// GQA group and writes the packed `[dq | dk | dv]`.
 #[allow(clippy::type_complexity)]
-fn bwd_tensor_cores<T: CudaDType + DeviceRepr + WithDType>(
-    tc: &str,
+fn bwd_tiled<T: CudaDType + DeviceRepr + WithDType>(
+    kind: TiledBwd,
     dev: &CudaDevice,
     (q, k, v, o, g, lse): (
         &CudaView<'_, T>,
@@ -407,7 +431,11 @@ fn bwd_tensor_cores<T: CudaDType + DeviceRepr + WithDType>(
     let nq = dm.b * dm.hq * dm.tq * dm.d;
     // dk and dv of every query head, before the sum over its group
     let n_part = dm.b * dm.hq * dm.tk * dm.d;
-    let mut dq_acc = cuda_util::alloc_zeros::<f32>(dev, nq.max(1))?;
+    let mut dq_acc = match kind {
+        TiledBwd::TensorCore(_) => cuda_util::alloc_zeros::<f32>(dev, nq.max(1))?,
+        // the f32 dq kernel writes every row
+        TiledBwd::F32(_) => cuda_util::alloc::<f32>(dev, nq.max(1))?,
+    };
     let mut dkv_part = cuda_util::alloc::<f32>(dev, (2 * n_part).max(1))?;
     {
         let kern = MODULE.kernel_for(dev, "attention_bwd_delta", T::DTYPE, OP)?;
@@ -417,30 +445,84 @@ fn bwd_tensor_cores<T: CudaDType + DeviceRepr + WithDType>(
         // AttDims)`; o/dout hold b*hq*tq*d elements, delta b*hq*tq; a warp per row.
         unsafe { b.launch(rows_launch(dm.tq, dm.b * dm.hq)) }.map_err(cuda_util::driver_err(OP))?;
     }
-    {
-        let kern = MODULE.kernel_for(dev, &format!("attention_bwd_{tc}"), T::DTYPE, OP)?;
-        let smem = tc_bwd_smem_bytes(dm.d);
-        kern.allow_dynamic_shared(smem, OP)?;
-        let mut b = kern.builder();
-        b.arg(q)
-            .arg(k)
-            .arg(v)
-            .arg(g)
-            .arg(lse)
-            .arg(&*delta)
-            .arg(&mut dq_acc)
-            .arg(&mut dkv_part)
-            .arg(&a);
-        let cfg = LaunchConfig {
-            grid_dim: tile_grid(dm.b * dm.hq, dm.tk.div_ceil(TC_TILE))?,
-            block_dim: (TC_THREADS, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        // SAFETY: matches `attention_bwd_tc{64,128}_*(const T* q, k, v, dout, const float* lse,
-        // const float* delta, float* dq_acc, float* dkv_part, AttDims)`; dq_acc holds (zeroed)
-        // b*hq*tq*d floats, dkv_part 2*b*hq*tk*d; a block per 64 keys of each query head, and
-        // d matches the kernel's head dim (`tensor_core_variant`).
-        unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
+    match kind {
+        TiledBwd::TensorCore(tc) => {
+            let kern = MODULE.kernel_for(dev, &format!("attention_bwd_{tc}"), T::DTYPE, OP)?;
+            let smem = tc_bwd_smem_bytes(dm.d);
+            kern.allow_dynamic_shared(smem, OP)?;
+            let mut b = kern.builder();
+            b.arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(g)
+                .arg(lse)
+                .arg(&*delta)
+                .arg(&mut dq_acc)
+                .arg(&mut dkv_part)
+                .arg(&a);
+            let cfg = LaunchConfig {
+                grid_dim: tile_grid(dm.b * dm.hq, dm.tk.div_ceil(TC_TILE))?,
+                block_dim: (TC_THREADS, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            // SAFETY: matches `attention_bwd_tc{64,128}_*(const T* q, k, v, dout, const float*
+            // lse, const float* delta, float* dq_acc, float* dkv_part, AttDims)`; dq_acc holds
+            // (zeroed) b*hq*tq*d floats, dkv_part 2*b*hq*tk*d; a block per 64 keys of each query
+            // head, and d matches the kernel's head dim (`tensor_core_variant`).
+            unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
+        }
+        TiledBwd::F32(d) => {
+            let smem = f32_bwd_smem_bytes(d);
+            let heads = dm.b * dm.hq;
+            let launch = |tiles: usize| -> Result<LaunchConfig> {
+                Ok(LaunchConfig {
+                    grid_dim: tile_grid(heads, tiles)?,
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: smem,
+                })
+            };
+            {
+                let kern =
+                    MODULE.kernel_for(dev, &format!("attention_bwd_dq_f32t{d}"), T::DTYPE, OP)?;
+                kern.allow_dynamic_shared(smem, OP)?;
+                let mut b = kern.builder();
+                b.arg(q)
+                    .arg(k)
+                    .arg(v)
+                    .arg(g)
+                    .arg(lse)
+                    .arg(&*delta)
+                    .arg(&mut dq_acc)
+                    .arg(&a);
+                // SAFETY: matches `attention_bwd_dq_f32t{64,128}_f32(const float* q, k, v, dout,
+                // const float* lse, const float* delta, float* dq_acc, AttDims)`; q/dout hold
+                // b*hq*tq*d floats, k/v b*hkv*tk*d, lse/delta b*hq*tq, dq_acc b*hq*tq*d (every row
+                // written); a 256-thread block per 64 query rows of a head with the dynamic shared
+                // memory its source asks for; d matches the kernel (`f32_tiled_variant`).
+                unsafe { b.launch(launch(dm.tq.div_ceil(F32_TILE))?) }
+                    .map_err(cuda_util::driver_err(OP))?;
+            }
+            {
+                let kern =
+                    MODULE.kernel_for(dev, &format!("attention_bwd_dkv_f32t{d}"), T::DTYPE, OP)?;
+                kern.allow_dynamic_shared(smem, OP)?;
+                let mut b = kern.builder();
+                b.arg(q)
+                    .arg(k)
+                    .arg(v)
+                    .arg(g)
+                    .arg(lse)
+                    .arg(&*delta)
+                    .arg(&mut dkv_part)
+                    .arg(&a);
+                // SAFETY: matches `attention_bwd_dkv_f32t{64,128}_f32(const float* q, k, v, dout,
+                // const float* lse, const float* delta, float* dkv_part, AttDims)`; sizes as for
+                // the dq kernel, dkv_part holds 2*b*hq*tk*d floats (every key row of every query
+                // head written); a 256-thread block per 64 keys of a query head.
+                unsafe { b.launch(launch(dm.tk.div_ceil(F32_TILE))?) }
+                    .map_err(cuda_util::driver_err(OP))?;
+            }
+        }
     }
     {
         let kern = MODULE.kernel_for(dev, "attention_bwd_finish", T::DTYPE, OP)?;

@@ -86,7 +86,7 @@ test_device!(
 /// Shapes that take the CUDA tensor-core kernels in bf16/f16 (head dims 64 and 128): lengths that
 /// are not multiples of the 64-row tiles, several query and key tiles, `tq < tk` with offsets
 /// below and above one tile, GQA groups of 1, 2 and 3, and a decode-sized `tq` (split-key
-/// forward, tensor-core backward). f32 runs them through the warp-per-row kernels.
+/// forward, tensor-core backward). f32 runs them through the tiled SIMT kernels.
 const TC_SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
     (2, 4, 2, 100, 100, 64),
     (1, 4, 4, 64, 64, 64),
