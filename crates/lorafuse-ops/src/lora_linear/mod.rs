@@ -5,8 +5,8 @@
 //!
 //! Every product here has the shape `y = x R0 + bias + s * P R2` (see [`engine`]): the forward
 //! with `R0 = W^T`, `P = x A^T`, `R2 = B^T`, and the input gradient with `R0 = W`, `P = g B`,
-//! `R2 = A`. Each backend evaluates that shape once: on CUDA the low-rank product is accumulated
-//! into the base GEMM's output (cuBLAS `beta = 1`), and inputs of 1 to 16 rows (decode) take one
+//! `R2 = A`. Each backend evaluates that shape once: on CUDA the base GEMM accumulates onto the
+//! low-rank product (cuBLAS `beta = 1`), and inputs of 1 to 16 rows (decode) take one
 //! kernel for the whole forward, P included; on the CPU one pass adds bias and low-rank term.
 //! The forward keeps `P = x A^T` (`rows x r`, small) in the op because `dB = s g^T P`.
 //!
