@@ -3,6 +3,8 @@
 # GEMM accumulating onto it (beta = 1), against the old order (LORAFUSE_LORA_BASE_FIRST=1: base
 # GEMM, then the low-rank one re-reading and rewriting y). The lora tests first, then three
 # alternating rounds of lora_full and base_gemm.
+# (Its LORAFUSE_LORA_BASE_FIRST switch was removed after this A/B: the low-rank GEMM now always runs
+# first.)
 set -uo pipefail
 R=/tmp/s7lora
 source scripts/gpu/device-setup.sh

@@ -40,6 +40,13 @@ struct AttDims {
   float scale;
 };
 
+// The first row in k and v of query head bh's kv head (bh = batch * hq + h; GQA: the query heads
+// h of a batch share kv head h / (hq / hkv)).
+__device__ __forceinline__ size_t att_kv_row0(const AttDims& a, int bh) {
+  const int bi = bh / a.hq, h = bh - bi * a.hq;
+  return ((size_t)bi * a.hkv + h / (a.hq / a.hkv)) * a.tk;
+}
+
 template <typename T>
 __device__ __forceinline__ void load_row(const T* __restrict__ p, int d, float (&r)[ATT_MAX_CHUNKS]) {
   const int lane = threadIdx.x & 31;
@@ -83,11 +90,10 @@ __device__ __forceinline__ void att_fwd_impl(const T* __restrict__ q, const T* _
   const int i = blockIdx.x * ATT_ROWS_PER_BLOCK + (threadIdx.x >> 5);
   const int bh = blockIdx.y;
   if (i >= a.tq) return;
-  const int bi = bh / a.hq, h = bh % a.hq;
-  const int g = h / (a.hq / a.hkv);
   const size_t row = (size_t)bh * a.tq + i;
-  const T* kb = k + ((size_t)bi * a.hkv + g) * a.tk * a.d;
-  const T* vb = v + ((size_t)bi * a.hkv + g) * a.tk * a.d;
+  const size_t kv0 = att_kv_row0(a, bh) * a.d;
+  const T* kb = k + kv0;
+  const T* vb = v + kv0;
   float qr[ATT_MAX_CHUNKS], acc[ATT_MAX_CHUNKS] = {0.f, 0.f, 0.f, 0.f};
   load_row(q + row * a.d, a.d, qr);
   float m = -INFINITY, l = 0.f;
@@ -121,11 +127,10 @@ __device__ __forceinline__ void att_bwd_dq_impl(const T* __restrict__ q, const T
   const int i = blockIdx.x * ATT_ROWS_PER_BLOCK + (threadIdx.x >> 5);
   const int bh = blockIdx.y;
   if (i >= a.tq) return;
-  const int bi = bh / a.hq, h = bh % a.hq;
-  const int g = h / (a.hq / a.hkv);
   const size_t row = (size_t)bh * a.tq + i;
-  const T* kb = k + ((size_t)bi * a.hkv + g) * a.tk * a.d;
-  const T* vb = v + ((size_t)bi * a.hkv + g) * a.tk * a.d;
+  const size_t kv0 = att_kv_row0(a, bh) * a.d;
+  const T* kb = k + kv0;
+  const T* vb = v + kv0;
   float qr[ATT_MAX_CHUNKS], gr[ATT_MAX_CHUNKS], acc[ATT_MAX_CHUNKS] = {0.f, 0.f, 0.f, 0.f};
   load_row(q + row * a.d, a.d, qr);
   load_row(dout + row * a.d, a.d, gr);
@@ -205,11 +210,10 @@ __device__ __forceinline__ void att_fwd_split_impl(const T* __restrict__ q,
   const int i = blockIdx.x;
   const int bh = blockIdx.y;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int bi = bh / a.hq, h = bh % a.hq;
-  const int g = h / (a.hq / a.hkv);
   const size_t row = (size_t)bh * a.tq + i;
-  const T* kb = k + ((size_t)bi * a.hkv + g) * a.tk * a.d;
-  const T* vb = v + ((size_t)bi * a.hkv + g) * a.tk * a.d;
+  const size_t kv0 = att_kv_row0(a, bh) * a.d;
+  const T* kb = k + kv0;
+  const T* vb = v + kv0;
   float qr[ATT_MAX_CHUNKS], acc[ATT_MAX_CHUNKS] = {0.f, 0.f, 0.f, 0.f};
   load_row(q + row * a.d, a.d, qr);
   float m = -INFINITY, l = 0.f;
@@ -388,11 +392,10 @@ __device__ __forceinline__ void att_fwd_f32_tiled(const float* __restrict__ q,
   const int t = threadIdx.x, ty = t >> 4, tx = t & 15;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * B;
   const int bh = blockIdx.x;
-  const int bi = bh / a.hq, h = bh % a.hq;
-  const int g = h / (a.hq / a.hkv);
   const int off = a.tk - a.tq;
-  const float* kb = k + ((size_t)bi * a.hkv + g) * a.tk * D;
-  const float* vb = v + ((size_t)bi * a.hkv + g) * a.tk * D;
+  const size_t kv0 = att_kv_row0(a, bh) * D;
+  const float* kb = k + kv0;
+  const float* vb = v + kv0;
   att_f32_load<D, LD>(sq, q + (size_t)bh * a.tq * D, q0, a.tq);
 
   float m[4], l[4], acc[4][DC][4];
@@ -502,8 +505,8 @@ extern "C" __global__ void __launch_bounds__(256) attention_fwd_f32t128_f32(
 // - Backward: D = rowsum(dO * O) first (`attention_bwd_delta_*`), then one block per (64-key
 //   tile, batch, query head) walks the query tiles that see its keys: dV += P^T dO,
 //   dP^T = V dO^T, dS^T = P^T (dP^T - D) scale, dK += dS^T Q, and dQ += dS K goes to an f32
-//   buffer with 16-byte vector atomics (dS^T goes through shared memory once for that product). dK and dV are
-//   per query head (f32 partial buffers, no atomics); `attention_bwd_finish_*` sums them over
+//   buffer with 8-byte vector atomics (dS^T goes through shared memory once for that product).
+//   dK and dV are per query head (f32 partial buffers, no atomics); `attention_bwd_finish_*` sums them over
 //   each GQA group and converts everything into the packed [dq | dk | dv] output.
 // ---------------------------------------------------------------------------------------------
 
@@ -667,12 +670,11 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
 
   const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;
   const int bh = blockIdx.x;
-  const int bi = bh / a.hq, h = bh % a.hq;
-  const int g = h / (a.hq / a.hkv);
   const int off = a.tk - a.tq;
   const T* qb = q + (size_t)bh * a.tq * D;
-  const T* kb = k + ((size_t)bi * a.hkv + g) * a.tk * D;
-  const T* vb = v + ((size_t)bi * a.hkv + g) * a.tk * D;
+  const size_t kv0 = att_kv_row0(a, bh) * D;
+  const T* kb = k + kv0;
+  const T* vb = v + kv0;
   const bool vec = aligned16(q) && aligned16(k) && aligned16(v);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gr = lane >> 2, tc = lane & 3;
@@ -748,30 +750,51 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
           }
         }
       }
+    }
+    // Row maxima of the raw scores (scale > 0: the max commutes with scaling) as pairwise trees,
+    // the quad shuffles of every row together, and the row sums over four partial sums: PC
+    // sampling showed the linear max chains waiting on each other and on one shuffle at a time.
+    float mx[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;  // of the raw scores (scale > 0: the max commutes with scaling)
+        float t[BK / 8];
 #pragma unroll
-        for (int nt = 0; nt < BK / 8; ++nt)
-          mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[mt][r], mx * sl2);
+        for (int nt = 0; nt < BK / 8; ++nt) t[nt] = fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]);
+#pragma unroll
+        for (int w = BK / 16; w >= 1; w >>= 1)
+#pragma unroll
+          for (int u = 0; u < w; ++u) t[u] = fmaxf(t[u], t[u + w]);
+        mx[mt][r] = t[0];
+      }
+#pragma unroll
+    for (int x = 1; x <= 2; x <<= 1)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          mx[mt][r] = fmaxf(mx[mt][r], __shfl_xor_sync(0xffffffffu, mx[mt][r], x));
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float m_new = fmaxf(m[mt][r], mx[mt][r] * sl2);
         // a row with no visible key yet keeps m = -inf: subtract 0 so no inf - inf appears
         const float base = m_new == -INFINITY ? 0.f : m_new;
         const float alpha = fast_exp2(m[mt][r] - base);
         m[mt][r] = m_new;
-        float sum = 0.f;
+        float part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int nt = 0; nt < BK / 8; ++nt) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const float p = fast_exp2(fmaf(s[mt][nt][2 * r + e], sl2, -base));
             s[mt][nt][2 * r + e] = p;
-            sum += p;
+            part[(2 * nt + e) & 3] += p;
           }
         }
-        l[mt][r] = l[mt][r] * alpha + sum;
+        l[mt][r] = l[mt][r] * alpha + ((part[0] + part[1]) + (part[2] + part[3]));
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
           acc[mt][dt][2 * r] *= alpha;
@@ -909,13 +932,12 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
 
   const int k0 = blockIdx.y * ATT_TC_BK;
   const int bh = blockIdx.x;
-  const int bi = bh / a.hq, h = bh % a.hq;
-  const int g = h / (a.hq / a.hkv);
   const int off = a.tk - a.tq;
   const T* qb = q + (size_t)bh * a.tq * D;
   const T* dob = dout + (size_t)bh * a.tq * D;
-  const T* kb = k + ((size_t)bi * a.hkv + g) * a.tk * D;
-  const T* vb = v + ((size_t)bi * a.hkv + g) * a.tk * D;
+  const size_t kv0 = att_kv_row0(a, bh) * D;
+  const T* kb = k + kv0;
+  const T* vb = v + kv0;
   const float* lse_b = lse + (size_t)bh * a.tq;
   const float* delta_b = delta + (size_t)bh * a.tq;
   const bool vec = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout);
@@ -983,20 +1005,21 @@ __device__ __forceinline__ void bwd(const T* __restrict__ q, const T* __restrict
         mma<T>(dq[2 * dp + 1], da, b[2], b[3]);
       }
     }
-    // One 16-byte reduction per thread and n-tile (sm_90 vector atomics, a quarter of the scalar
-    // ones): lane pairs (tc, tc ^ 1) swap halves so that an even tc holds 4 columns of row gr and
-    // an odd tc the same 4 columns of row gr + 8.
+    // 8-byte vector reductions straight from the accumulator pairs (sm_90): rows gr and gr + 8,
+    // columns 2 tc, 2 tc + 1 of each n-tile. The 16-byte form needs lane pairs to swap halves
+    // first and measured the same (575-579 us forward+backward, H100); with all swaps first and
+    // the reductions back to back it was slower (the queued reductions held up the other warps'
+    // shared-memory loads). What the reductions cost is the L2's, ~470 MB of them at T = 2048.
     {
-      const bool odd = tc & 1;
-      const int i = q0 + qr + gr + (odd ? 8 : 0);
-      float* dst = dq_acc + ((size_t)bh * a.tq + i) * D + dc0 + 2 * (tc & ~1);
+      const int i = q0 + qr + gr;
+      float* dst = dq_acc + ((size_t)bh * a.tq + i) * D + dc0 + 2 * tc;
 #pragma unroll
       for (int nt = 0; nt < DC / 8; ++nt) {
-        const float r0 = __shfl_xor_sync(0xffffffffu, odd ? dq[nt][0] : dq[nt][2], 1);
-        const float r1 = __shfl_xor_sync(0xffffffffu, odd ? dq[nt][1] : dq[nt][3], 1);
-        const float4 val = odd ? make_float4(r0, r1, dq[nt][2], dq[nt][3])
-                               : make_float4(dq[nt][0], dq[nt][1], r0, r1);
-        if (i < a.tq) atomicAdd(reinterpret_cast<float4*>(dst + nt * 8), val);
+        if (i < a.tq)
+          atomicAdd(reinterpret_cast<float2*>(dst + nt * 8), make_float2(dq[nt][0], dq[nt][1]));
+        if (i + 8 < a.tq)
+          atomicAdd(reinterpret_cast<float2*>(dst + 8 * D + nt * 8),
+                    make_float2(dq[nt][2], dq[nt][3]));
       }
     }
   };
@@ -1270,11 +1293,10 @@ __device__ __forceinline__ void att_bwd_dq_f32_tiled(const float* __restrict__ q
   const int t = threadIdx.x, ty = t >> 4, tx = t & 15;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * B;  // the last rows see the most keys: first
   const int bh = blockIdx.x;
-  const int bi = bh / a.hq, h = bh % a.hq;
-  const int g = h / (a.hq / a.hkv);
   const int off = a.tk - a.tq;
-  const float* kb = k + ((size_t)bi * a.hkv + g) * a.tk * D;
-  const float* vb = v + ((size_t)bi * a.hkv + g) * a.tk * D;
+  const size_t kv0 = att_kv_row0(a, bh) * D;
+  const float* kb = k + kv0;
+  const float* vb = v + kv0;
   att_f32_load<D, LD>(sq, q + (size_t)bh * a.tq * D, q0, a.tq);
   att_f32_load<D, LD>(sdo, dout + (size_t)bh * a.tq * D, q0, a.tq);
   float lr[4], dr[4], acc[4][DC][4];
@@ -1347,13 +1369,12 @@ __device__ __forceinline__ void att_bwd_dkv_f32_tiled(const float* __restrict__ 
   const int t = threadIdx.x, ty = t >> 4, tx = t & 15;
   const int k0 = blockIdx.y * B;  // the first keys are seen by the most queries: first
   const int bh = blockIdx.x;
-  const int bi = bh / a.hq, h = bh % a.hq;
-  const int g = h / (a.hq / a.hkv);
   const int off = a.tk - a.tq;
   const float* qb = q + (size_t)bh * a.tq * D;
   const float* dob = dout + (size_t)bh * a.tq * D;
-  att_f32_load<D, LD>(sk, k + ((size_t)bi * a.hkv + g) * a.tk * D, k0, a.tk);
-  att_f32_load<D, LD>(sv, v + ((size_t)bi * a.hkv + g) * a.tk * D, k0, a.tk);
+  const size_t kv0 = att_kv_row0(a, bh) * D;
+  att_f32_load<D, LD>(sk, k + kv0, k0, a.tk);
+  att_f32_load<D, LD>(sv, v + kv0, k0, a.tk);
   float ak[4][DC][4], av[4][DC][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)

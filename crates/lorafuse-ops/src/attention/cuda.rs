@@ -473,54 +473,37 @@ fn bwd_tiled<T: CudaDType + DeviceRepr + WithDType>(
         }
         TiledBwd::F32(d) => {
             let smem = f32_bwd_smem_bytes(d);
-            let heads = dm.b * dm.hq;
-            let launch = |tiles: usize| -> Result<LaunchConfig> {
-                Ok(LaunchConfig {
-                    grid_dim: tile_grid(heads, tiles)?,
+            // (kernel, its f32 output, blocks a head: one per 64 query rows / 64 keys)
+            let passes = [
+                ("dq", &mut dq_acc, dm.tq.div_ceil(F32_TILE)),
+                ("dkv", &mut dkv_part, dm.tk.div_ceil(F32_TILE)),
+            ];
+            for (pass, acc, tiles) in passes {
+                let name = format!("attention_bwd_{pass}_f32t{d}");
+                let kern = MODULE.kernel_for(dev, &name, T::DTYPE, OP)?;
+                kern.allow_dynamic_shared(smem, OP)?;
+                let mut b = kern.builder();
+                b.arg(q)
+                    .arg(k)
+                    .arg(v)
+                    .arg(g)
+                    .arg(lse)
+                    .arg(&*delta)
+                    .arg(acc)
+                    .arg(&a);
+                let cfg = LaunchConfig {
+                    grid_dim: tile_grid(dm.b * dm.hq, tiles)?,
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: smem,
-                })
-            };
-            {
-                let kern =
-                    MODULE.kernel_for(dev, &format!("attention_bwd_dq_f32t{d}"), T::DTYPE, OP)?;
-                kern.allow_dynamic_shared(smem, OP)?;
-                let mut b = kern.builder();
-                b.arg(q)
-                    .arg(k)
-                    .arg(v)
-                    .arg(g)
-                    .arg(lse)
-                    .arg(&*delta)
-                    .arg(&mut dq_acc)
-                    .arg(&a);
-                // SAFETY: matches `attention_bwd_dq_f32t{64,128}_f32(const float* q, k, v, dout,
-                // const float* lse, const float* delta, float* dq_acc, AttDims)`; q/dout hold
-                // b*hq*tq*d floats, k/v b*hkv*tk*d, lse/delta b*hq*tq, dq_acc b*hq*tq*d (every row
-                // written); a 256-thread block per 64 query rows of a head with the dynamic shared
-                // memory its source asks for; d matches the kernel (`f32_tiled_variant`).
-                unsafe { b.launch(launch(dm.tq.div_ceil(F32_TILE))?) }
-                    .map_err(cuda_util::driver_err(OP))?;
-            }
-            {
-                let kern =
-                    MODULE.kernel_for(dev, &format!("attention_bwd_dkv_f32t{d}"), T::DTYPE, OP)?;
-                kern.allow_dynamic_shared(smem, OP)?;
-                let mut b = kern.builder();
-                b.arg(q)
-                    .arg(k)
-                    .arg(v)
-                    .arg(g)
-                    .arg(lse)
-                    .arg(&*delta)
-                    .arg(&mut dkv_part)
-                    .arg(&a);
-                // SAFETY: matches `attention_bwd_dkv_f32t{64,128}_f32(const float* q, k, v, dout,
-                // const float* lse, const float* delta, float* dkv_part, AttDims)`; sizes as for
-                // the dq kernel, dkv_part holds 2*b*hq*tk*d floats (every key row of every query
-                // head written); a 256-thread block per 64 keys of a query head.
-                unsafe { b.launch(launch(dm.tk.div_ceil(F32_TILE))?) }
-                    .map_err(cuda_util::driver_err(OP))?;
+                };
+                // SAFETY: matches `attention_bwd_{dq,dkv}_f32t{64,128}_f32(const float* q, k, v,
+                // dout, const float* lse, const float* delta, float* out, AttDims)`; q/dout hold
+                // b*hq*tq*d floats, k/v b*hkv*tk*d, lse/delta b*hq*tq; out is dq_acc
+                // (b*hq*tq*d, every row written) or dkv_part (2*b*hq*tk*d, every key row of every
+                // query head written); a 256-thread block per 64 query rows (dq) or 64 keys (dkv)
+                // of a query head, with the dynamic shared memory its source asks for; d matches
+                // the kernel (`f32_tiled_variant`).
+                unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
             }
         }
     }
