@@ -82,6 +82,9 @@ pub struct OpsArgs {
     /// Only ops whose name contains this.
     #[arg(long)]
     pub only: Option<String>,
+    /// Only shapes whose label contains this (e.g. `16384x4096`, `T=2048`).
+    #[arg(long)]
+    pub shape: Option<String>,
     /// Small shapes only (for CPUs).
     #[arg(long)]
     pub quick: bool,
@@ -158,13 +161,15 @@ fn dtype_name(d: DType) -> &'static str {
 struct Bencher {
     dev: Device,
     only: Option<String>,
+    shape: Option<String>,
     fused_only: bool,
     rows: Vec<Row>,
 }
 
 impl Bencher {
-    fn wants(&self, op: &str) -> bool {
+    fn wants(&self, op: &str, shape: &str) -> bool {
         self.only.as_deref().is_none_or(|o| op.contains(o))
+            && self.shape.as_deref().is_none_or(|s| shape.contains(s))
     }
 
     /// Times `f` under the fused kernels and, unless disabled, under the reference.
@@ -175,7 +180,7 @@ impl Bencher {
         shape: String,
         mut f: impl FnMut() -> candle_core::Result<()>,
     ) -> anyhow::Result<()> {
-        if !self.wants(op) {
+        if !self.wants(op, &shape) {
             return Ok(());
         }
         let mut modes = vec![(KernelMode::Fused, "lorafuse")];
@@ -224,6 +229,7 @@ fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
     let mut b = Bencher {
         dev: dev.clone(),
         only: args.only.clone(),
+        shape: args.shape.clone(),
         fused_only: args.fused_only,
         rows: vec![],
     };
@@ -357,9 +363,11 @@ fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
                 .backward()
                 .map(drop)
             })?;
+            // tables in the activations' dtype, as the decoder passes them (it casts its f32
+            // tables once at load)
             let (cos, sin) = (
-                randn(&[t, 32], 1.0, DType::F32, &dev)?,
-                randn(&[t, 32], 1.0, DType::F32, &dev)?,
+                randn(&[t, 32], 1.0, dt, &dev)?,
+                randn(&[t, 32], 1.0, dt, &dev)?,
             );
             b.run("rope", dt, format!("b4 h14 T={t} d64"), || {
                 lorafuse_ops::rope(&q, &cos, &sin, lorafuse_ops::RopeLayout::HalfRotation).map(drop)
@@ -380,7 +388,7 @@ fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
             })?;
         }
         // AdamW over a LoRA-sized parameter set: r=16 on 7 projections x 24 layers of width 896.
-        if b.wants("adamw") {
+        if b.wants("adamw", "") && b.shape.is_none() {
             let (count, r, d) = if args.quick {
                 (14, 8, 256)
             } else {

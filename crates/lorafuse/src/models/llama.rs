@@ -16,8 +16,14 @@ use lorafuse_ops::{DecoderWeights, FusedDecoder, LayerWeights, RopeLayout};
 /// kept in f32 and cast per call (transformers computes them in f32 too).
 #[derive(Debug, Clone)]
 struct RotaryTables {
+    /// f32, as transformers computes them (the fused decode step takes these).
     cos: Tensor,
     sin: Tensor,
+    /// The same in the model's dtype, cast once here: transformers casts its f32 tables to the
+    /// activations' dtype for every call, which is what each RoPE call would otherwise pay too
+    /// (two casts per call, four per layer).
+    cos_model: Tensor,
+    sin_model: Tensor,
 }
 
 /// The inverse frequencies of RoPE, with Llama 3 or linear scaling applied.
@@ -57,7 +63,7 @@ fn inverse_frequencies(cfg: &LlamaConfig) -> Vec<f64> {
 }
 
 impl RotaryTables {
-    fn new(cfg: &LlamaConfig, device: &Device) -> candle_core::Result<Self> {
+    fn new(cfg: &LlamaConfig, device: &Device, dtype: DType) -> candle_core::Result<Self> {
         let inv = inverse_frequencies(cfg);
         let half = inv.len();
         let n = cfg.max_position_embeddings;
@@ -72,16 +78,21 @@ impl RotaryTables {
                 sin.push(angle.sin());
             }
         }
+        let cos = Tensor::from_vec(cos, (n, half), device)?;
+        let sin = Tensor::from_vec(sin, (n, half), device)?;
         Ok(Self {
-            cos: Tensor::from_vec(cos, (n, half), device)?,
-            sin: Tensor::from_vec(sin, (n, half), device)?,
+            cos_model: cos.to_dtype(dtype)?,
+            sin_model: sin.to_dtype(dtype)?,
+            cos,
+            sin,
         })
     }
 
+    /// Positions `offset..offset + len` of the tables in the model's dtype.
     fn slice(&self, offset: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
         Ok((
-            self.cos.narrow(0, offset, len)?,
-            self.sin.narrow(0, offset, len)?,
+            self.cos_model.narrow(0, offset, len)?,
+            self.sin_model.narrow(0, offset, len)?,
         ))
     }
 }
@@ -252,7 +263,7 @@ impl Llama {
             Linear::load(&vb.pp("lm_head"), h, v, false)?
         };
         Ok(Self {
-            rope: RotaryTables::new(cfg, vb.device())?,
+            rope: RotaryTables::new(cfg, vb.device(), vb.dtype())?,
             cfg: cfg.clone(),
             embed_tokens,
             layers,
