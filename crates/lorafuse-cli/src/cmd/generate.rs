@@ -14,6 +14,11 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub adapters: AdapterArgs,
+    /// Fold the adapters into the base weights before generating, in memory (as `lorafuse merge`
+    /// does on disk). Batch-1 decoding on CUDA then takes the fused decode step, which live
+    /// adapters rule out; with bf16/f16 weights the merged weights are rounded to that dtype.
+    #[arg(long, requires = "adapters")]
+    pub merge_adapters: bool,
     /// The prompt (with --chat: the user's message).
     #[arg(long, short = 'p')]
     pub prompt: String,
@@ -55,6 +60,10 @@ pub struct GenerateArgs {
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut loaded = args.model.load()?;
     args.adapters.apply(&mut loaded.model)?;
+    if args.merge_adapters {
+        lorafuse::lora::merge_adapters(&mut loaded.model)?;
+        eprintln!("adapters merged into the weights");
+    }
     let tok = &loaded.tokenizer;
     let prompt = if args.chat {
         let template = tok.chat_template.as_deref().with_context(|| {
@@ -125,4 +134,33 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         g.stop_reason
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GenerateArgs;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: GenerateArgs,
+    }
+
+    #[test]
+    fn merge_adapters_needs_an_adapter() {
+        let base = [
+            "lorafuse",
+            "--model",
+            "m.gguf",
+            "--prompt",
+            "hi",
+            "--merge-adapters",
+        ];
+        let err = Cli::try_parse_from(base).err().map(|e| e.kind());
+        assert_eq!(err, Some(clap::error::ErrorKind::MissingRequiredArgument));
+        let ok = Cli::try_parse_from(base.iter().copied().chain(["--adapter", "a"])).unwrap();
+        assert!(ok.args.merge_adapters);
+        assert_eq!(ok.args.adapters.adapters, vec!["a".to_string()]);
+    }
 }
