@@ -3,8 +3,9 @@
 # trees with the shuffles of all rows together; the backward's dQ lane swaps all before the
 # vector reductions) against the build before them (.gpu-ab/lorafuse-base.gz), alternating,
 # with SDPA in the same call; then the CUDA op tests and PC sampling of the new kernels.
+# (R=/tmp/DIR sets the results folder; session7-att-ab2.sh reuses it.)
 set -uo pipefail
-R=/tmp/s7ab
+R=${R:-/tmp/s7ab}
 source scripts/gpu/device-setup.sh
 gunzip -kf .gpu-ab/lorafuse-base.gz && chmod +x .gpu-ab/lorafuse-base
 ./.gpu/ops attention --test-threads 1 2>&1 | grep -E "^test |test result|panicked|max rel" > "$R/ops_tests_att.log"
@@ -23,4 +24,4 @@ PCSAMP_KERNEL=attention_ timeout 240 bash scripts/gpu/pcsamp/run.sh "$R/pcs-att"
 tail -3 "$R/pcs-att.log"
 ./.gpu/ops cuda --test-threads 1 2>&1 | grep -E "^test |test result|panicked|max rel" > "$R/ops_tests.log"
 tail -1 "$R/ops_tests.log"; grep -E "FAILED|panicked" "$R/ops_tests.log"
-tar czf "$OUT/s7ab.tgz" -C "$R" .
+tar czf "$OUT/$(basename "$R").tgz" -C "$R" .

@@ -5,15 +5,13 @@
 # adapter, the live adapter (per-op decode), the merged adapter; f32 and bf16; greedy, 128 tokens,
 # three runs each. Usage: session7-merge.sh part1|part2|run.
 set -uo pipefail
-mkdir -p /tmp/g
+source scripts/gpu/gguf-parts.sh
 case "${1:-}" in
-  part1) cp .p1/* /tmp/g/ ;;
-  part2) cp .p2/* /tmp/g/ ;;
+  part1 | part2) gguf_part "$1" ;;
   run)
     R=/tmp/s7merge
     source scripts/gpu/device-setup.sh
-    cat /tmp/g/gguf.part_aa /tmp/g/gguf.part_ab .p3/gguf.part_ac > /tmp/g/m.gguf
-    echo "$(cat .p3/sha256)  /tmp/g/m.gguf" | sha256sum -c - || exit 1
+    gguf_join /tmp/g/m.gguf || exit 1
     P="Which city is the capital of Portugal?"
     for dt in f32 bf16; do
       for mode in none live merged; do
