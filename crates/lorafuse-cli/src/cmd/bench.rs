@@ -388,12 +388,13 @@ fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
             })?;
         }
         // AdamW over a LoRA-sized parameter set: r=16 on 7 projections x 24 layers of width 896.
-        if b.wants("adamw", "") && b.shape.is_none() {
-            let (count, r, d) = if args.quick {
-                (14, 8, 256)
-            } else {
-                (336, 16, 896)
-            };
+        let (count, r, d) = if args.quick {
+            (14, 8, 256)
+        } else {
+            (336, 16, 896)
+        };
+        let adamw_shape = format!("{count} tensors of {r}x{d}");
+        if b.wants("adamw", &adamw_shape) {
             let mk = |rows: usize, cols: usize| -> candle_core::Result<Var> {
                 Var::from_tensor(&randn(&[rows, cols], 0.02, DType::F32, &dev)?)
             };
@@ -409,15 +410,10 @@ fn bench_ops(args: &OpsArgs) -> anyhow::Result<()> {
             }
             let hp = lorafuse_ops::AdamWParams::default();
             let mut step = 0;
-            b.run(
-                "adamw",
-                DType::F32,
-                format!("{count} tensors of {r}x{d}"),
-                || {
-                    step += 1;
-                    lorafuse_ops::adamw_step(&params, &grads, &m, &v, step, &hp)
-                },
-            )?;
+            b.run("adamw", DType::F32, adamw_shape, || {
+                step += 1;
+                lorafuse_ops::adamw_step(&params, &grads, &m, &v, step, &hp)
+            })?;
         }
     }
     if let Some(p) = &args.json {
