@@ -26,6 +26,8 @@ const THREADS: u32 = 256;
 const WARPS: usize = 8;
 /// Shared memory a block may take without opting in.
 const DEFAULT_SHARED: usize = 48 * 1024;
+/// Blocks a query head's attention splits over at long contexts (`kSplits` in the kernel source).
+const ATT_SPLITS: usize = 8;
 
 fn kernel_err(msg: impl Into<String>) -> candle_core::Error {
     OpError::Kernel {
@@ -116,6 +118,10 @@ struct Buffers {
     k_cache: CudaSlice<u8>,
     v_cache: CudaSlice<u8>,
     logits: CudaSlice<f32>,
+    /// The attention's per-split records, `[heads][ATT_SPLITS][2 + head_dim]` f32, and its
+    /// arrival counter per head (zeroed here; the kernel leaves it zeroed).
+    att_part: CudaSlice<f32>,
+    att_count: CudaSlice<i32>,
 }
 
 /// The buffers' device addresses, read once: taking an address can make the stream wait on an
@@ -130,6 +136,8 @@ struct BufferPtrs {
     k_cache: u64,
     v_cache: u64,
     logits: u64,
+    att_part: u64,
+    att_count: u64,
 }
 
 pub(crate) struct CudaDecoder {
@@ -305,6 +313,10 @@ impl CudaDecoder {
             k_cache: alloc(n_layers * layer_cache * elem)?,
             v_cache: alloc(n_layers * layer_cache * elem)?,
             logits: stream.alloc_zeros::<f32>(vocab).map_err(driver_err(OP))?,
+            att_part: stream
+                .alloc_zeros::<f32>(heads * ATT_SPLITS * (2 + head_dim))
+                .map_err(driver_err(OP))?,
+            att_count: stream.alloc_zeros::<i32>(heads).map_err(driver_err(OP))?,
         };
         let ptrs = BufferPtrs {
             state: slice_ptr(&bufs.state, &stream),
@@ -315,6 +327,8 @@ impl CudaDecoder {
             k_cache: slice_ptr(&bufs.k_cache, &stream),
             v_cache: slice_ptr(&bufs.v_cache, &stream),
             logits: slice_ptr(&bufs.logits, &stream),
+            att_part: slice_ptr(&bufs.att_part, &stream),
+            att_count: slice_ptr(&bufs.att_count, &stream),
         };
         // SAFETY: `vocab` f32s of page-locked memory; every step overwrites all of them (the
         // device-to-host copy of the logits) before anything reads them.
@@ -590,6 +604,8 @@ impl CudaDecoder {
             k_cache: k_base,
             v_cache: v_base,
             logits,
+            att_part,
+            att_count,
         } = self.ptrs;
         let q_cols = d.heads * d.head_dim;
 
@@ -640,11 +656,13 @@ impl CudaDecoder {
                     Int(d.head_dim),
                 ],
             )?;
-            // SAFETY (attention): one block per query head reads cache rows 0..=pos of its KV
-            // head, all written by the prefix copy or earlier steps.
+            // SAFETY (attention): ATT_SPLITS blocks per query head (the kernel's kSplits) read
+            // cache rows 0..=pos of its KV head, all written by the prefix copy or earlier
+            // steps; att_part holds heads * ATT_SPLITS records of 2 + head_dim floats and
+            // att_count one zeroed counter per head, which the kernel leaves zeroed.
             self.launch(
                 &k.attention,
-                heads,
+                heads * ATT_SPLITS as u32,
                 THREADS,
                 4 * (WARPS as u32 + 1) * head_dim,
                 &[
@@ -653,6 +671,8 @@ impl CudaDecoder {
                     Ptr(vc),
                     Ptr(state),
                     Ptr(attn),
+                    Ptr(att_part),
+                    Ptr(att_count),
                     Int(d.heads),
                     Int(d.kv_heads),
                     Int(d.head_dim),

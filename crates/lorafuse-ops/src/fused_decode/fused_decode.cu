@@ -193,20 +193,37 @@ __device__ void qkv_rope_impl(const T* x, const T* ln_w, float eps, const T* wq,
 // position each), the block takes the tile's max and exponentials, then each warp accumulates
 // probability-weighted values over its share of the tile, each lane owning head_dim / 32
 // adjacent output dims. The max is block-wide, so the warps' sums merge by plain addition.
+// Past kSplitMin positions a head's positions split over kSplits blocks (grid heads x kSplits;
+// with fewer, only split 0 works and the others exit): each writes its running (max, sum,
+// unnormalised output) to `part`, and the last block of the head to arrive (a counter per head,
+// reset by that block for the next layer and step) merges them. One block a head left most of
+// the card idle at long contexts: 865 tokens/s over 512 + 512 positions against 1,554 over 160.
 constexpr int kTile = 1024;
+constexpr int kSplits = 8;
+constexpr int kSplitMin = 256;
 
 template <typename T>
 __device__ void attention_impl(const T* q, const T* k_cache, const T* v_cache, const int* state,
-                               T* out, int heads, int kv_heads, int head_dim, float scale) {
+                               T* out, float* part, int* counter, int heads, int kv_heads,
+                               int head_dim, float scale) {
   constexpr int V = Pack<T>::N;
   extern __shared__ float4 smem4[];
   float* qs = reinterpret_cast<float*>(smem4);  // [head_dim]
   float* s_acc = qs + head_dim;                 // [kWarps, head_dim]
   __shared__ float sc[kTile];
   __shared__ float scratch[32];
-  const int h = blockIdx.x;
+  const int h = blockIdx.x % heads;
+  const int split = blockIdx.x / heads;
   const int g = h / (heads / kv_heads);
   const int len = state[1] + 1;
+  const bool splits = len > kSplitMin;
+  if (!splits && split > 0) {
+    pdl_trigger();
+    return;
+  }
+  const int chunk = (len + kSplits - 1) / kSplits;
+  const int begin = splits ? min(len, split * chunk) : 0;
+  const int end = splits ? min(len, begin + chunk) : len;
   const int per_lane = head_dim / 32;
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -224,8 +241,8 @@ __device__ void attention_impl(const T* q, const T* k_cache, const T* v_cache, c
   for (int j = 0; j < kMaxHeadDimPerLane; ++j) acc[j] = 0.f;
   float m_run = -INFINITY;
   float l_run = 0.f;
-  for (int t0 = 0; t0 < len; t0 += kTile) {
-    const int n = min(kTile, len - t0);
+  for (int t0 = begin; t0 < end; t0 += kTile) {
+    const int n = min(kTile, end - t0);
     float local_max = -INFINITY;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
       const T* kp = kh + (size_t)(t0 + i) * stride;
@@ -282,12 +299,51 @@ __device__ void attention_impl(const T* q, const T* k_cache, const T* v_cache, c
     if (j < per_lane) s_acc[warp * head_dim + lane * per_lane + j] = acc[j];
   }
   __syncthreads();
+  if (!splits) {
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
+      float num = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) num += s_acc[w * head_dim + i];
+      out[(size_t)h * head_dim + i] = from_f<T>(num / l_run);
+    }
+    return;
+  }
+  // part: [heads][kSplits][2 + head_dim] f32, (max, sum, unnormalised output)
+  const int rec = 2 + head_dim;
+  float* mine = part + ((size_t)h * kSplits + split) * rec;
   for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
     float num = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) num += s_acc[w * head_dim + i];
-    out[(size_t)h * head_dim + i] = from_f<T>(num / l_run);
+    mine[2 + i] = num;
   }
+  if (threadIdx.x == 0) {
+    mine[0] = m_run;
+    mine[1] = l_run;
+  }
+  __shared__ int last;
+  __threadfence();  // this block's record is visible before its arrival is counted
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter + h, 1) == kSplits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const float* recs = part + (size_t)h * kSplits * rec;
+  float big = -INFINITY;
+#pragma unroll
+  for (int u = 0; u < kSplits; ++u) big = fmaxf(big, __ldcg(recs + u * rec));
+  for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
+    float num = 0.f, total = 0.f;
+    for (int u = 0; u < kSplits; ++u) {
+      const float l = __ldcg(recs + u * rec + 1);
+      // a split that saw no position has sum 0 (and max -inf): weight 0
+      const float wgt = l > 0.f ? expf(__ldcg(recs + u * rec) - big) : 0.f;
+      total += l * wgt;
+      num += wgt * __ldcg(recs + u * rec + 2 + i);
+    }
+    out[(size_t)h * head_dim + i] = from_f<T>(num / total);
+  }
+  if (threadIdx.x == 0) counter[h] = 0;  // for the next layer's (and step's) launch
 }
 
 // x[r] += W[r] . in (+ bias[r]) for the block's rows: o_proj and down_proj with the residual add.
@@ -439,9 +495,10 @@ extern "C" __global__ void __launch_bounds__(1024)
                      v_cache, hidden, heads, kv_heads, head_dim);                                 \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(kThreads) fused_decode_attention_##SUF(            \
-      const T* q, const T* k_cache, const T* v_cache, const int* state, T* out, int heads,        \
-      int kv_heads, int head_dim, float scale) {                                                  \
-    attention_impl<T>(q, k_cache, v_cache, state, out, heads, kv_heads, head_dim, scale);         \
+      const T* q, const T* k_cache, const T* v_cache, const int* state, T* out, float* part,      \
+      int* counter, int heads, int kv_heads, int head_dim, float scale) {                         \
+    attention_impl<T>(q, k_cache, v_cache, state, out, part, counter, heads, kv_heads, head_dim,  \
+                      scale);                                                                     \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(kThreads) fused_decode_matvec_residual_##SUF(      \
       const T* w, const T* bias, const T* in, T* x, int rows, int cols) {                         \
