@@ -329,9 +329,11 @@ __device__ __forceinline__ void att_f32_rows_dot(const float* __restrict__ sa,
   for (int c = 0; c < D; c += 4) {
     float4 av[4], bv[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) av[i] = *reinterpret_cast<const float4*>(sa + (ty + 16 * i) * LD + c);
+    for (int i = 0; i < 4; ++i)
+      av[i] = *reinterpret_cast<const float4*>(sa + (ty + 16 * i) * LD + c);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) bv[j] = *reinterpret_cast<const float4*>(sb + (tx + 16 * j) * LD + c);
+    for (int j = 0; j < 4; ++j)
+      bv[j] = *reinterpret_cast<const float4*>(sb + (tx + 16 * j) * LD + c);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -356,7 +358,8 @@ __device__ __forceinline__ void att_f32_acc(const float* __restrict__ sp,
   for (int kk = 0; kk < ATT_F32_B; kk += 4) {
     float4 pv[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) pv[i] = *reinterpret_cast<const float4*>(sp + (ty + 16 * i) * LP + kk);
+    for (int i = 0; i < 4; ++i)
+      pv[i] = *reinterpret_cast<const float4*>(sp + (ty + 16 * i) * LP + kk);
 #pragma unroll
     for (int c = 0; c < D / 64; ++c) {
       float4 mv[4];
@@ -506,8 +509,9 @@ extern "C" __global__ void __launch_bounds__(256) attention_fwd_f32t128_f32(
 //   tile, batch, query head) walks the query tiles that see its keys: dV += P^T dO,
 //   dP^T = V dO^T, dS^T = P^T (dP^T - D) scale, dK += dS^T Q, and dQ += dS K goes to an f32
 //   buffer with 8-byte vector atomics (dS^T goes through shared memory once for that product).
-//   dK and dV are per query head (f32 partial buffers, no atomics); `attention_bwd_finish_*` sums them over
-//   each GQA group and converts everything into the packed [dq | dk | dv] output.
+//   dK and dV are per query head (f32 partial buffers, no atomics); `attention_bwd_finish_*`
+//   sums them over each GQA group and converts everything into the packed [dq | dk | dv]
+//   output.
 // ---------------------------------------------------------------------------------------------
 
 #define ATT_TC_THREADS 128  // a backward block: 4 warps of 16 keys each
@@ -1434,16 +1438,18 @@ __device__ __forceinline__ void att_bwd_dkv_f32_tiled(const float* __restrict__ 
 }
 
 // The second __launch_bounds__ figure keeps d = 64 at two blocks an SM (128 registers), which
-// its shared memory (about 105 KB a block) also allows; d = 128 runs one block an SM.
+// its shared memory (about 105 KB a block) also allows; d = 128 runs one block an SM. Both take
+// the tensor-core backward's arguments (each writes one of the two buffers), so one launcher
+// serves all three.
 #define ATT_F32_BWD_KERNELS(D, MINB)                                                             \
   extern "C" __global__ void __launch_bounds__(256, MINB) attention_bwd_dq_f32t##D##_f32(        \
       const float* q, const float* k, const float* v, const float* dout, const float* lse,       \
-      const float* delta, float* dq_acc, AttDims a) {                                           \
+      const float* delta, float* dq_acc, float*, AttDims a) {                                   \
     att_bwd_dq_f32_tiled<D>(q, k, v, dout, lse, delta, dq_acc, a);                               \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(256, MINB) attention_bwd_dkv_f32t##D##_f32(       \
       const float* q, const float* k, const float* v, const float* dout, const float* lse,       \
-      const float* delta, float* dkv_part, AttDims a) {                                         \
+      const float* delta, float*, float* dkv_part, AttDims a) {                                 \
     att_bwd_dkv_f32_tiled<D>(q, k, v, dout, lse, delta, dkv_part, a);                            \
   }
 ATT_F32_BWD_KERNELS(64, 2)

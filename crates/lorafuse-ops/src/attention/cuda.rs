@@ -63,8 +63,10 @@ fn tensor_core_variant(dtype: DType, dm: &Dims) -> Option<&'static str> {
     }
 }
 
-/// Query rows of a block and keys of a tile of the tiled f32 forward (`ATT_F32_B`).
+/// Query rows of a block and keys of a tile of the tiled f32 kernels (`ATT_F32_B`).
 const F32_TILE: usize = 64;
+/// Threads of a tiled f32 block (the kernels' `__launch_bounds__(256)`).
+const F32_THREADS: u32 = 256;
 
 /// The tiled f32 forward's head dim (`attention_fwd_f32t{64,128}_f32`) when it takes a call:
 /// f32 storage, head dim 64 or 128, not `LORAFUSE_ATTENTION_KERNEL=simple`.
@@ -235,7 +237,7 @@ fn fwd_t<T: CudaDType + DeviceRepr + WithDType>(
                 .allow_dynamic_shared(smem, OP)?;
             let cfg = LaunchConfig {
                 grid_dim: tile_grid(dm.b * dm.hq, dm.tq.div_ceil(F32_TILE))?,
-                block_dim: (256, 1, 1),
+                block_dim: (F32_THREADS, 1, 1),
                 shared_mem_bytes: smem,
             };
             (name, cfg)
@@ -334,14 +336,9 @@ fn bwd_t<T: CudaDType + DeviceRepr + WithDType>(
     if rows == 0 {
         return Ok(cuda_util::wrap(out, dev));
     }
-    let tiled = match (
-        tensor_core_variant(T::DTYPE, &dm),
-        f32_tiled_variant(T::DTYPE, &dm),
-    ) {
-        (Some(tc), _) => Some(TiledBwd::TensorCore(tc)),
-        (None, Some(d)) => Some(TiledBwd::F32(d)),
-        (None, None) => None,
-    };
+    let tiled = tensor_core_variant(T::DTYPE, &dm)
+        .map(TiledBwd::TensorCore)
+        .or_else(|| f32_tiled_variant(T::DTYPE, &dm).map(TiledBwd::F32));
     if let Some(kind) = tiled {
         bwd_tiled::<T>(
             kind,
@@ -445,67 +442,57 @@ fn bwd_tiled<T: CudaDType + DeviceRepr + WithDType>(
         // AttDims)`; o/dout hold b*hq*tq*d elements, delta b*hq*tq; a warp per row.
         unsafe { b.launch(rows_launch(dm.tq, dm.b * dm.hq)) }.map_err(cuda_util::driver_err(OP))?;
     }
-    match kind {
-        TiledBwd::TensorCore(tc) => {
-            let kern = MODULE.kernel_for(dev, &format!("attention_bwd_{tc}"), T::DTYPE, OP)?;
-            let smem = tc_bwd_smem_bytes(dm.d);
-            kern.allow_dynamic_shared(smem, OP)?;
-            let mut b = kern.builder();
-            b.arg(q)
-                .arg(k)
-                .arg(v)
-                .arg(g)
-                .arg(lse)
-                .arg(&*delta)
-                .arg(&mut dq_acc)
-                .arg(&mut dkv_part)
-                .arg(&a);
-            let cfg = LaunchConfig {
-                grid_dim: tile_grid(dm.b * dm.hq, dm.tk.div_ceil(TC_TILE))?,
-                block_dim: (TC_THREADS, 1, 1),
-                shared_mem_bytes: smem,
-            };
-            // SAFETY: matches `attention_bwd_tc{64,128}_*(const T* q, k, v, dout, const float*
-            // lse, const float* delta, float* dq_acc, float* dkv_part, AttDims)`; dq_acc holds
-            // (zeroed) b*hq*tq*d floats, dkv_part 2*b*hq*tk*d; a block per 64 keys of each query
-            // head, and d matches the kernel's head dim (`tensor_core_variant`).
-            unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
-        }
-        TiledBwd::F32(d) => {
-            let smem = f32_bwd_smem_bytes(d);
-            // (kernel, its f32 output, blocks a head: one per 64 query rows / 64 keys)
-            let passes = [
-                ("dq", &mut dq_acc, dm.tq.div_ceil(F32_TILE)),
-                ("dkv", &mut dkv_part, dm.tk.div_ceil(F32_TILE)),
-            ];
-            for (pass, acc, tiles) in passes {
-                let name = format!("attention_bwd_{pass}_f32t{d}");
-                let kern = MODULE.kernel_for(dev, &name, T::DTYPE, OP)?;
-                kern.allow_dynamic_shared(smem, OP)?;
-                let mut b = kern.builder();
-                b.arg(q)
-                    .arg(k)
-                    .arg(v)
-                    .arg(g)
-                    .arg(lse)
-                    .arg(&*delta)
-                    .arg(acc)
-                    .arg(&a);
-                let cfg = LaunchConfig {
-                    grid_dim: tile_grid(dm.b * dm.hq, tiles)?,
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: smem,
-                };
-                // SAFETY: matches `attention_bwd_{dq,dkv}_f32t{64,128}_f32(const float* q, k, v,
-                // dout, const float* lse, const float* delta, float* out, AttDims)`; q/dout hold
-                // b*hq*tq*d floats, k/v b*hkv*tk*d, lse/delta b*hq*tq; out is dq_acc
-                // (b*hq*tq*d, every row written) or dkv_part (2*b*hq*tk*d, every key row of every
-                // query head written); a 256-thread block per 64 query rows (dq) or 64 keys (dkv)
-                // of a query head, with the dynamic shared memory its source asks for; d matches
-                // the kernel (`f32_tiled_variant`).
-                unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
-            }
-        }
+    // (kernel, blocks a head, threads, dynamic shared memory): the tensor-core pass takes a block
+    // per 64 keys; the f32 one a block per 64 query rows (dq) then one per 64 keys (dk, dv)
+    let passes = match kind {
+        TiledBwd::TensorCore(tc) => vec![(
+            format!("attention_bwd_{tc}"),
+            dm.tk.div_ceil(TC_TILE),
+            TC_THREADS,
+            tc_bwd_smem_bytes(dm.d),
+        )],
+        TiledBwd::F32(d) => vec![
+            (
+                format!("attention_bwd_dq_f32t{d}"),
+                dm.tq.div_ceil(F32_TILE),
+                F32_THREADS,
+                f32_bwd_smem_bytes(d),
+            ),
+            (
+                format!("attention_bwd_dkv_f32t{d}"),
+                dm.tk.div_ceil(F32_TILE),
+                F32_THREADS,
+                f32_bwd_smem_bytes(d),
+            ),
+        ],
+    };
+    for (name, tiles, threads, smem) in passes {
+        let kern = MODULE.kernel_for(dev, &name, T::DTYPE, OP)?;
+        kern.allow_dynamic_shared(smem, OP)?;
+        let mut b = kern.builder();
+        b.arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(g)
+            .arg(lse)
+            .arg(&*delta)
+            .arg(&mut dq_acc)
+            .arg(&mut dkv_part)
+            .arg(&a);
+        let cfg = LaunchConfig {
+            grid_dim: tile_grid(dm.b * dm.hq, tiles)?,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: matches `attention_bwd_{tc64,tc128}_*` and
+        // `attention_bwd_{dq,dkv}_f32t{64,128}_f32` (const T* q, k, v, dout, const float* lse,
+        // const float* delta, float* dq_acc, float* dkv_part, AttDims); q/dout hold b*hq*tq*d
+        // elements, k/v b*hkv*tk*d, lse/delta b*hq*tq, dq_acc b*hq*tq*d floats (zeroed for the
+        // tensor-core kernel's atomics; the f32 dq kernel writes every row), dkv_part
+        // 2*b*hq*tk*d (every key row of every query head written); blocks, threads and dynamic
+        // shared memory as each kernel's source asks, and d matches the kernel's head dim
+        // (`tensor_core_variant`, `f32_tiled_variant`).
+        unsafe { b.launch(cfg) }.map_err(cuda_util::driver_err(OP))?;
     }
     {
         let kern = MODULE.kernel_for(dev, "attention_bwd_finish", T::DTYPE, OP)?;

@@ -299,15 +299,6 @@ __device__ void attention_impl(const T* q, const T* k_cache, const T* v_cache, c
     if (j < per_lane) s_acc[warp * head_dim + lane * per_lane + j] = acc[j];
   }
   __syncthreads();
-  if (!splits) {
-    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
-      float num = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) num += s_acc[w * head_dim + i];
-      out[(size_t)h * head_dim + i] = from_f<T>(num / l_run);
-    }
-    return;
-  }
   // part: [heads][kSplits][2 + head_dim] f32, (max, sum, unnormalised output)
   const int rec = 2 + head_dim;
   float* mine = part + ((size_t)h * kSplits + split) * rec;
@@ -315,8 +306,13 @@ __device__ void attention_impl(const T* q, const T* k_cache, const T* v_cache, c
     float num = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) num += s_acc[w * head_dim + i];
-    mine[2 + i] = num;
+    if (splits) {
+      mine[2 + i] = num;
+    } else {
+      out[(size_t)h * head_dim + i] = from_f<T>(num / l_run);
+    }
   }
+  if (!splits) return;
   if (threadIdx.x == 0) {
     mine[0] = m_run;
     mine[1] = l_run;

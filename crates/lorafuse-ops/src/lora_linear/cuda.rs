@@ -7,10 +7,11 @@
 //! and `beta = 1` (or 0 without bias), and the base GEMM with `beta = 1` accumulates onto it:
 //! no `[rows, out]` temporary and no elementwise pass, where the stock composition makes two
 //! extra full-size tensors and three passes. (Low-rank first: the base GEMM reads y once in its
-//! epilogue, where a low-rank GEMM after it would re-read and rewrite y.) Alpha and beta are f32 with
-//! f32 accumulation (`cublasGemmEx`, compute 32F) for every storage dtype, so a scale like
-//! `alpha / sqrt(r)` is not rounded to bf16. No custom kernel: the GEMMs are the work.
-//! Operands in layouts cuBLAS cannot read directly go through the generic engine.
+//! epilogue, where a low-rank GEMM after it would re-read and rewrite y.) Alpha and beta are f32
+//! with f32 accumulation (`cublasGemmEx`, compute 32F) for every storage dtype, so a scale like
+//! `alpha / sqrt(r)` is not rounded to bf16. Past decode sizes there is no custom kernel: the
+//! GEMMs are the work. Operands in layouts cuBLAS cannot read directly go through the generic
+//! engine.
 
 use super::engine::{dims2, epilogue_ops, fwd_generic, EngineStorage, LowRank, Plan};
 use super::OP;
@@ -86,9 +87,11 @@ mod small {
     use super::super::OP;
     use crate::cuda_util::{self, ptx_module, try_contiguous_view, PtxModule};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::CudaDType;
-    use candle_core::{CudaStorage, DType, Layout, Result, Shape, WithDType};
+    use candle_core::{CudaStorage, DType, Layout, Result, Shape, Storage, WithDType};
     use half::{bf16, f16};
 
     const MODULE: PtxModule = ptx_module!("lora_linear");
@@ -178,20 +181,16 @@ mod small {
         let Some(xv) = try_contiguous_view::<T>(x, xl)? else {
             return Ok(None);
         };
-        let wv = match &wt {
-            Some((ws, wl)) => match try_contiguous_view::<T>(CudaStorage::pick(ws)?, wl)? {
-                Some(v) => Some(v),
-                None => return Ok(None),
-            },
-            None => None,
-        };
-        let biasv = match &bt {
-            Some((bs, bl)) => match try_contiguous_view::<T>(CudaStorage::pick(bs)?, bl)? {
-                Some(v) => Some(v),
-                None => return Ok(None),
-            },
-            None => None,
-        };
+        // W and bias as views; `Some(None)` is a strided operand (not this kernel's)
+        fn view<'a, T: CudaDType>(s: &'a Storage, l: &Layout) -> Result<Option<CudaView<'a, T>>> {
+            try_contiguous_view::<T>(CudaStorage::pick(s)?, l)
+        }
+        let wv = wt.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
+        let biasv = bt.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
+        if matches!(wv, Some(None)) || matches!(biasv, Some(None)) {
+            return Ok(None);
+        }
+        let (wv, biasv) = (wv.flatten(), biasv.flatten());
         let dev = &x.device;
         let r = low.as_ref().map_or(0, |l| l.2);
         let y = cuda_util::alloc::<T>(dev, t * n)?;

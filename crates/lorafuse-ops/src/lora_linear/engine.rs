@@ -77,12 +77,11 @@ pub(super) fn lora_fwd<S: EngineStorage>(
 ) -> Result<(S, Shape, Tensor)> {
     let (rows, _) = dims2(xl, "x")?;
     let (r, _) = dims2(al, "A")?;
+    let p_tensor = |p: S| Tensor::from_storage(p.wrap(), (rows, r), BackpropOp::none(), false);
     if let Some((y, shape, p)) = S::lora_small(plan, (x, xl), (a, al), (b, bl))? {
-        let p = Tensor::from_storage(p.wrap(), (rows, r), BackpropOp::none(), false);
-        return Ok((y, shape, p));
+        return Ok((y, shape, p_tensor(p)));
     }
-    let p = lowrank_act(x, xl, a, al)?;
-    let p = Tensor::from_storage(p.wrap(), (rows, r), BackpropOp::none(), false);
+    let p = p_tensor(lowrank_act(x, xl, a, al)?);
     let (y, shape) = {
         let (ps, pl) = p.storage_and_layout();
         S::fwd(plan, x, xl, Some((S::pick(&ps)?, pl, b, bl)))?
