@@ -42,7 +42,7 @@ pub struct EmbedBenchArgs {
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
     /// Time the encoder with a quantized copy of its projections, as `lorafuse embed
-    /// --quantize` runs it (bf16, q8_0, q4_1, q4_0; CPU only). Default: the dense weights.
+    /// --quantize` runs it (i16, bf16, q8_0, q4_1, q4_0; CPU only). Default: the dense weights.
     #[arg(long, value_name = "FORMAT", value_parser = super::common::parse_quant_format)]
     pub quantize: Option<lorafuse::models::QuantFormat>,
     /// Also write the rows as JSON to this file.

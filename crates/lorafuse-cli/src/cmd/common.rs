@@ -26,8 +26,8 @@ pub struct ModelArgs {
     /// Kernels: fused (default) or reference (stock Candle ops, for debugging and A/B timing).
     #[arg(long, value_parser = ["fused", "reference"])]
     pub kernels: Option<String>,
-    /// Inference with quantized frozen weights (CPU only): bf16 (2x fewer bytes, a tiled GEMM
-    /// meant for batched encoding; decode gains little from it), q8_0 (near-lossless, 3.6x fewer bytes
+    /// Inference with quantized frozen weights (CPU only): bf16 or i16 (2x fewer bytes, tiled
+    /// GEMMs meant for batched encoding; decode gains little from them), q8_0 (near-lossless, 3.6x fewer bytes
     /// than f32), q4_1 (5.3x fewer; keeps the weights of a q4_1 GGUF such as the default model exactly) or q4_0 (6x
     /// fewer, least accurate). The projections use this format and the LM head q8_0; activations
     /// and LoRA adapters stay in the compute dtype. A decode step reads that many fewer bytes, so
@@ -37,7 +37,7 @@ pub struct ModelArgs {
     pub quantize: Option<QuantFormat>,
 }
 
-/// Parses a `--quantize` value (`bf16`, `q8_0`, `q4_1`, `q4_0`).
+/// Parses a `--quantize` value (`bf16`, `i16`, `q8_0`, `q4_1`, `q4_0`).
 pub fn parse_quant_format(s: &str) -> Result<QuantFormat, String> {
     s.parse().map_err(|e: lorafuse::Error| e.to_string())
 }

@@ -54,14 +54,15 @@ pub struct EmbedArgs {
     #[arg(long, value_parser = ["fused", "reference"])]
     pub kernels: Option<String>,
     /// Multiply with a reduced-precision copy of the encoder's frozen projection weights (CPU
-    /// only). bf16: weights and, per product, activations rounded to bf16, products summed in
-    /// f32 by a tiled AVX-512 GEMM (AVX512-BF16 or AVX-512F, chosen at run time; a slow scalar
-    /// loop elsewhere); embeddings stay within ~1e-4 of f32 in cosine. It pays most for single
-    /// documents and short batches; where the CPU's bf16 dot product is slow (Sapphire/Emerald
-    /// Rapids) large batches run about as fast as f32. q8_0, q4_1, q4_0: llama.cpp-style blocks
-    /// with activations quantized to 8 bits, built for batch-1 decoding; they move embeddings
-    /// more (cosine ~0.998 for q8_0) and are slower on batches. Attention, LayerNorm, pooling
-    /// and LoRA adapters stay in the compute dtype. Default: off.
+    /// only). i16: the fast one for embeddings. Weights in int16 with a scale per output,
+    /// activations quantized to int16 per row for each product, exact integer sums (AVX512-VNNI
+    /// `vpdpwssd`, twice the f32 multiply-add rate; a scalar loop on CPUs without it);
+    /// embeddings stay within ~5e-6 of sentence-transformers in cosine. bf16: weights and
+    /// activations rounded to bf16, summed in f32 (~5e-5 in cosine); where the CPU's bf16 dot
+    /// product is slow (Sapphire/Emerald Rapids) it helps single documents only. q8_0, q4_1,
+    /// q4_0: llama.cpp-style blocks with 8-bit activations, built for batch-1 decoding; they move
+    /// embeddings more (cosine ~0.998 for q8_0). Attention, LayerNorm, pooling and LoRA adapters
+    /// stay in the compute dtype. Default: off (the dense f32 weights).
     #[arg(long, value_name = "FORMAT", value_parser = parse_quant_format)]
     pub quantize: Option<QuantFormat>,
     /// LoRA adapters on the encoder: PEFT folders saved from the model's `BertModel` (e.g.
@@ -186,6 +187,8 @@ mod tests {
     #[test]
     fn quantize_takes_every_format_and_rejects_others() {
         assert_eq!(parse(&["-m", "m", "-t", "x"]).quantize, None);
+        let q = parse(&["-m", "m", "-t", "x", "--quantize", "i16"]).quantize;
+        assert_eq!(q, Some(QuantFormat::I16));
         let q = parse(&["-m", "m", "-t", "x", "--quantize", "bf16"]).quantize;
         assert_eq!(q, Some(QuantFormat::Bf16));
         let q = parse(&["-m", "m", "-t", "x", "--quantize", "q8_0"]).quantize;

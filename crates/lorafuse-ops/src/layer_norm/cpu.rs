@@ -4,9 +4,10 @@
 
 use candle_core::{Result, WithDType};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use crate::cpu_util::{
-    load_f32, load_f64, row_sum, store_f32, store_f64, zeros, Acc, Kernel2, Kernel3,
+    filled_vec, load_f32, load_f64, row_sum, store_f32, store_f64, zeros, Acc, Kernel2, Kernel3,
 };
 use crate::error::shape_err;
 
@@ -45,18 +46,21 @@ fn forward<T: WithDType>(x: &[T], w: &[T], b: Option<&[T]>, eps: f64) -> Result<
     if b.is_some_and(|b| b.len() != n) {
         return Err(shape_err("layer_norm", "bias and weight lengths differ"));
     }
-    let mut y = zeros::<T>(x.len());
-    if T::DTYPE == candle_core::DType::F64 {
-        fwd_rows(&mut y, x, (w, b), eps, load_f64::<T>, store_f64::<T>);
-    } else {
-        fwd_rows(&mut y, x, (w, b), eps, load_f32::<T>, store_f32::<T>);
-    }
-    Ok(y)
+    let fill = |y: &mut [MaybeUninit<T>]| {
+        if T::DTYPE == candle_core::DType::F64 {
+            fwd_rows(y, x, (w, b), eps, load_f64::<T>, store_f64::<T>);
+        } else {
+            fwd_rows(y, x, (w, b), eps, load_f32::<T>, store_f32::<T>);
+        }
+    };
+    // SAFETY: `check` made `x.len()` a multiple of `n`, and `fwd_rows` writes every element of
+    // every row.
+    Ok(unsafe { filled_vec(x.len(), fill) })
 }
 
 /// `y = (x - mean) * rstd * w + b` row by row, statistics in the working precision `A`.
 fn fwd_rows<T: WithDType, A: Acc>(
-    y: &mut [T],
+    y: &mut [MaybeUninit<T>],
     x: &[T],
     (w, b): (&[T], Option<&[T]>),
     eps: f64,
@@ -74,12 +78,12 @@ fn fwd_rows<T: WithDType, A: Acc>(
         match b {
             Some(b) => {
                 for ((y, &x), (&w, &b)) in y.iter_mut().zip(x).zip(w.iter().zip(b)) {
-                    *y = store((load(x) - mean) * rstd * load(w) + load(b));
+                    y.write(store((load(x) - mean) * rstd * load(w) + load(b)));
                 }
             }
             None => {
                 for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                    *y = store((load(x) - mean) * rstd * load(w));
+                    y.write(store((load(x) - mean) * rstd * load(w)));
                 }
             }
         }

@@ -8,6 +8,7 @@ mod common;
 mod adamw;
 mod attention;
 mod cross_entropy;
+mod encoder_attention;
 mod fused_decode;
 mod lora_linear;
 mod norms;

@@ -9,7 +9,9 @@ use crate::models::linear::{Linear, LinearSlot};
 use crate::{Error, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 use serde::Deserialize;
+use std::mem::MaybeUninit;
 use std::path::Path;
 
 /// The activation between the two feed-forward projections.
@@ -249,26 +251,18 @@ impl BertLayer {
         })
     }
 
-    /// `x [b, t, h]`; `mask` is additive, `[b, 1, 1, t]`, or `None` when nothing is padded.
+    /// `x [b, t, h]`; `mask` is additive, `[b, t]`, or `None` when nothing is padded.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
-        let hd = h / self.heads;
-        let heads = |y: Tensor| {
-            y.reshape((b, t, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        // Scaling q (b*t*h values) is cheaper than scaling the scores (b*heads*t*t).
-        let q = (heads(self.query.forward(x)?)? * (1.0 / (hd as f64).sqrt()))?;
-        let k = heads(self.key.forward(x)?)?;
-        let v = heads(self.value.forward(x)?)?;
-        let scores = q.matmul(&k.t()?)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = lorafuse_ops::softmax_last_dim(&scores)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let (_, _, h) = x.dims3()?;
+        let scale = 1.0 / ((h / self.heads) as f64).sqrt();
+        let ctx = lorafuse_ops::encoder_attention(
+            &self.query.forward(x)?,
+            &self.key.forward(x)?,
+            &self.value.forward(x)?,
+            mask,
+            self.heads,
+            scale,
+        )?;
         let x = self
             .attn_norm
             .forward(&(self.attn_out.forward(&ctx)? + x)?)?;
@@ -364,8 +358,8 @@ impl BertModel {
         Ok(x)
     }
 
-    /// `(1 - mask) * dtype_min` shaped `[b, 1, 1, t]`, as transformers builds it, so that padded
-    /// keys get zero attention weight.
+    /// `(1 - mask) * dtype_min` shaped `[b, t]`, as transformers builds it, so that padded keys
+    /// get zero attention weight.
     fn additive_mask(&self, mask: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = mask.dims2()?;
         let min = match self.dtype {
@@ -376,7 +370,7 @@ impl BertModel {
         };
         let keep = mask.to_dtype(DType::F32)?;
         let add = ((1.0 - keep)? * min)?;
-        add.to_dtype(self.dtype)?.reshape((b, 1, 1, t))
+        add.to_dtype(self.dtype)?.reshape((b, t))
     }
 
     /// Every projection with its checkpoint path (`encoder.layer.0.attention.self.query`, ...,
@@ -465,6 +459,18 @@ fn gelu_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+super::simd::wide_fn!(
+    /// `o[i] = gelu(x[i])`.
+    fn gelu_into(o: &mut [MaybeUninit<f32>], x: &[f32]) => gelu_into_body
+);
+
+#[inline(always)]
+fn gelu_into_body(o: &mut [MaybeUninit<f32>], x: &[f32]) {
+    for (o, &v) in o.iter_mut().zip(x) {
+        o.write(gelu_f32(v));
+    }
+}
+
 /// The CPU f32 GELU as a Candle op (forward kernel, backward from stock ops).
 struct GeluErfCpu;
 
@@ -478,20 +484,21 @@ impl CustomOp1 for GeluErfCpu {
             candle_core::bail!("bert_gelu_erf: input must be contiguous, layout {l:?}");
         };
         let src = &s.as_slice::<f32>()?[start..end];
-        let mut out = vec![0f32; src.len()];
-        // Below this many elements, starting threads costs more than it saves.
+        let n = src.len();
+        let mut out: Vec<f32> = Vec::with_capacity(n);
+        // Below this many elements, handing work to other threads costs more than it saves.
         const PAR_MIN: usize = 1 << 16;
-        let threads = candle_core::utils::get_num_threads().max(1);
-        if threads == 1 || src.len() < PAR_MIN {
-            out.iter_mut().zip(src).for_each(|(o, &v)| *o = gelu_f32(v));
+        const CHUNK: usize = 1 << 14;
+        let dst = &mut out.spare_capacity_mut()[..n];
+        if n < PAR_MIN {
+            gelu_into(dst, src);
         } else {
-            let chunk = src.len().div_ceil(threads);
-            std::thread::scope(|scope| {
-                for (o, i) in out.chunks_mut(chunk).zip(src.chunks(chunk)) {
-                    scope.spawn(move || o.iter_mut().zip(i).for_each(|(o, &v)| *o = gelu_f32(v)));
-                }
-            });
+            dst.par_chunks_mut(CHUNK)
+                .zip(src.par_chunks(CHUNK))
+                .for_each(|(o, x)| gelu_into(o, x));
         }
+        // SAFETY: both branches wrote every one of the first `n` slots.
+        unsafe { out.set_len(n) };
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 

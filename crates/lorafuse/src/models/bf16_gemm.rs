@@ -23,10 +23,10 @@
 //! With the FMA kernel, big batches cost the same multiply-adds as f32, so the gain there is only
 //! the tiling; few rows (a single document) gain most, from the tiles and the halved weight bytes.
 
-use super::gemv_pool::{self, TileJob};
-use candle_core::{DType, Tensor};
+use super::tiled_gemm::PackedWeight;
+use std::mem::MaybeUninit;
 use std::ops::Range;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 /// Output columns per packed panel (one zmm of f32 lanes).
 const LANES: usize = 16;
@@ -118,11 +118,25 @@ impl Bf16Matrix {
     /// activation row `r`, accumulated in f32 pair by pair (see the module docs). Panics if
     /// `outs` exceeds the weight or `dst` is short.
     pub fn gemm(&self, x: &Bf16Acts, outs: Range<usize>, dst: &mut [f32]) {
-        self.gemm_rows(x, 0..x.rows, outs, dst);
+        let len = x.rows * outs.len();
+        let mut tmp = vec![MaybeUninit::new(0f32); len];
+        self.gemm_rows(x, 0..x.rows, outs, None, &mut tmp);
+        for (d, v) in dst[..len].iter_mut().zip(tmp) {
+            // SAFETY: every slot of `tmp` was initialised when it was made.
+            *d = unsafe { v.assume_init() };
+        }
     }
 
-    /// [`Bf16Matrix::gemm`] for activation rows `rows` only (`dst` is `[rows.len(), outs.len()]`).
-    pub fn gemm_rows(&self, x: &Bf16Acts, rows: Range<usize>, outs: Range<usize>, dst: &mut [f32]) {
+    /// [`Bf16Matrix::gemm`] for activation rows `rows` only, plus `bias` (`dst` is `[rows.len(),
+    /// outs.len()]`, every slot of which is written).
+    pub fn gemm_rows(
+        &self,
+        x: &Bf16Acts,
+        rows: Range<usize>,
+        outs: Range<usize>,
+        bias: Option<&[f32]>,
+        dst: &mut [MaybeUninit<f32>],
+    ) {
         let width = outs.len();
         assert!(x.k2 == self.k2 && rows.end <= x.rows && outs.end <= self.n);
         assert!(dst.len() >= rows.len() * width);
@@ -142,7 +156,10 @@ impl Bf16Matrix {
                 let hi = outs.end.min(col0 + TILE_COLS);
                 for (r, tr) in tile.iter().enumerate().take(rr) {
                     let d = &mut dst[(r0 - rows.start + r) * width..][..width];
-                    d[lo - outs.start..hi - outs.start].copy_from_slice(&tr[lo - col0..hi - col0]);
+                    let d = &mut d[lo - outs.start..hi - outs.start];
+                    for (i, (d, &v)) in d.iter_mut().zip(&tr[lo - col0..hi - col0]).enumerate() {
+                        d.write(v + bias.map_or(0.0, |b| b[lo + i]));
+                    }
                 }
             }
         }
@@ -375,124 +392,29 @@ impl Bf16Acts {
     }
 }
 
-/// Activation rows per parallel tile when there are many: with a MiniLM layer's widest weight
-/// (1536 x 384 bf16, 1.2 MB) they fit the 2 MB L2 together (64 x 1536 f32 = 0.4 MB).
-const BLOCK_ROWS: usize = 8 * TILE_ROWS;
+impl PackedWeight for Bf16Matrix {
+    type Acts = Bf16Acts;
+    const TILE_ROWS: usize = TILE_ROWS;
+    const TILE_COLS: usize = TILE_COLS;
+    const LABEL: &'static str = "bf16 linear";
 
-/// `x W^T + bias` for `x` `[.., k]` (any float dtype, on the CPU), as `[rows, n]` row-major
-/// f32: output blocks computed on the calling thread and [`gemv_pool`]'s helpers, bias added
-/// while they are gathered.
-pub(crate) fn matmul(
-    w: &Arc<Bf16Matrix>,
-    x: &Tensor,
-    bias: Option<&[f32]>,
-) -> candle_core::Result<Vec<f32>> {
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let (n, k) = (w.n, w.k);
-    let rows = x.elem_count() / k.max(1);
-    if rows * k != x.elem_count() || bias.is_some_and(|b| b.len() != n) {
-        candle_core::bail!(
-            "bf16 linear: input {:?} or bias does not fit [{n}, {k}]",
-            x.dims()
-        );
-    }
-    // Rounded once for all tiles (a tile of few rows and many columns would round them again).
-    let kernel = Kernel::best();
-    let acts = with_input_rows(&x, 0..rows, k, |xs| Bf16Acts::with_kernel(xs, k, kernel))?;
-    let threads = threads();
-    let block_rows = BLOCK_ROWS
-        .min(rows.next_multiple_of(TILE_ROWS))
-        .max(TILE_ROWS);
-    let row_blocks = rows.div_ceil(block_rows);
-    // Few rows (a short batch, a decode step): split the columns too, into enough blocks for
-    // every thread to take a few.
-    let col_blocks = (4 * threads).div_ceil(row_blocks.max(1)).max(1);
-    let block_cols = n
-        .div_ceil(col_blocks)
-        .next_multiple_of(TILE_COLS)
-        .max(TILE_COLS);
-    let job = Arc::new(GemmJob {
-        w: w.clone(),
-        x: acts,
-        block_rows,
-        block_cols,
-        col_blocks: n.div_ceil(block_cols),
-    });
-    let col_blocks = job.col_blocks;
-    let results = gemv_pool::run_tiles(job);
-    let mut out = Vec::with_capacity(rows * n);
-    for rb in 0..row_blocks {
-        let rows_here = block_rows.min(rows - rb * block_rows);
-        for r in 0..rows_here {
-            for cb in 0..col_blocks {
-                let cols = cb * block_cols..(n.min((cb + 1) * block_cols));
-                let width = cols.len();
-                let tile = results.get(rb * col_blocks + cb);
-                let Some(seg) = tile.get(r * width..(r + 1) * width) else {
-                    candle_core::bail!("bf16 linear: output block {rb}.{cb} is missing");
-                };
-                match bias {
-                    Some(b) => out.extend(seg.iter().zip(&b[cols]).map(|(y, b)| y + b)),
-                    None => out.extend_from_slice(seg),
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Candle's CPU thread count (what [`gemv_pool`] runs on), read once.
-fn threads() -> usize {
-    static THREADS: OnceLock<usize> = OnceLock::new();
-    *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
-}
-
-/// Rows `rows` of `x` (f32, contiguous, on the CPU, `k` wide), handed to `f`.
-fn with_input_rows<T>(
-    x: &Tensor,
-    rows: Range<usize>,
-    k: usize,
-    f: impl FnOnce(&[f32]) -> T,
-) -> candle_core::Result<T> {
-    let (storage, layout) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("bf16 linear: input is not on the CPU");
-    };
-    let all = cpu.as_slice::<f32>()?;
-    let Some((start, _)) = layout.contiguous_offsets() else {
-        candle_core::bail!("bf16 linear: input is not contiguous");
-    };
-    match all.get(start + rows.start * k..start + rows.end * k) {
-        Some(s) => Ok(f(s)),
-        None => candle_core::bail!("bf16 linear: input shorter than its shape"),
-    }
-}
-
-/// One product: output blocks of `block_rows` x `block_cols`, row block after row block.
-struct GemmJob {
-    w: Arc<Bf16Matrix>,
-    x: Bf16Acts,
-    block_rows: usize,
-    block_cols: usize,
-    col_blocks: usize,
-}
-
-impl TileJob for GemmJob {
-    fn tiles(&self) -> usize {
-        self.x.rows.div_ceil(self.block_rows) * self.col_blocks
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
     }
 
-    fn macs(&self) -> usize {
-        self.x.rows * self.w.n * self.w.k
+    fn prepare(&self, x: &[f32]) -> Bf16Acts {
+        Bf16Acts::with_kernel(x, self.k, Kernel::best())
     }
 
-    fn compute(&self, t: usize) -> Vec<f32> {
-        let (rb, cb) = (t / self.col_blocks, t % self.col_blocks);
-        let rows = rb * self.block_rows..self.x.rows.min((rb + 1) * self.block_rows);
-        let cols = cb * self.block_cols..self.w.n.min((cb + 1) * self.block_cols);
-        let mut out = vec![0f32; rows.len() * cols.len()];
-        self.w.gemm_rows(&self.x, rows, cols, &mut out);
-        out
+    fn gemm_rows(
+        &self,
+        x: &Bf16Acts,
+        rows: Range<usize>,
+        outs: Range<usize>,
+        bias: Option<&[f32]>,
+        dst: &mut [MaybeUninit<f32>],
+    ) {
+        Bf16Matrix::gemm_rows(self, x, rows, outs, bias, dst)
     }
 }
 
@@ -634,7 +556,10 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tiled_gemm::matmul;
     use super::*;
+    use candle_core::Tensor;
+    use std::sync::Arc;
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;

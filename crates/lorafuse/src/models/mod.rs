@@ -4,10 +4,13 @@
 pub mod bert;
 mod bf16_gemm;
 mod gemv_pool;
+mod i16_gemm;
 pub mod linear;
 pub mod llama;
 mod qgemv;
 pub mod quantized;
+mod simd;
+mod tiled_gemm;
 
 pub use linear::{Linear, LinearLayer, LinearSlot};
 pub use llama::{KvCache, Llama};

@@ -22,10 +22,12 @@
 //! thread shares rows with [`super::gemv_pool`]'s helpers without ever waiting for one that has
 //! not started, and the scales are f32.
 
-use super::bf16_gemm::{self, Bf16Matrix};
+use super::bf16_gemm::Bf16Matrix;
 use super::gemv_pool::{self, RowJob};
+use super::i16_gemm::I16Matrix;
 use super::linear::Linear;
 use super::qgemv::{QActs, QMatrix, K_MULTIPLE};
+use super::tiled_gemm;
 use crate::lora::HasLinears;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, TensorId};
@@ -43,6 +45,12 @@ pub enum QuantFormat {
     /// time). For batched encoding, which is bound by multiply-adds, not bytes: near-lossless,
     /// and the tiled GEMM beats the block formats' row-by-row products there.
     Bf16,
+    /// int16 weights with one f32 scale per output row, 2 bytes per weight; activations are
+    /// quantized to int16 per row and per product, and the integer sums are exact (AVX512-VNNI
+    /// `vpdpwssd` where the CPU has it). For batched encoding: twice the f32 multiply-add rate on
+    /// AVX512-VNNI CPUs, with roundings about five times finer than bf16's (see
+    /// `models::i16_gemm`).
+    I16,
     /// 8-bit values, one scale per block of 32: 1.125 bytes per weight, near-lossless.
     Q8_0,
     /// 4-bit values, a scale and a minimum per block of 32: 0.75 bytes per weight. Exact for
@@ -54,8 +62,9 @@ pub enum QuantFormat {
 
 impl QuantFormat {
     /// Every format, as the CLI lists them.
-    pub const ALL: [QuantFormat; 4] = [
+    pub const ALL: [QuantFormat; 5] = [
         QuantFormat::Bf16,
+        QuantFormat::I16,
         QuantFormat::Q8_0,
         QuantFormat::Q4_1,
         QuantFormat::Q4_0,
@@ -65,6 +74,7 @@ impl QuantFormat {
     pub fn name(self) -> &'static str {
         match self {
             QuantFormat::Bf16 => "bf16",
+            QuantFormat::I16 => "i16",
             QuantFormat::Q8_0 => "q8_0",
             QuantFormat::Q4_1 => "q4_1",
             QuantFormat::Q4_0 => "q4_0",
@@ -75,7 +85,7 @@ impl QuantFormat {
     /// the block formats: q4 packs block pairs; any width for bf16).
     pub fn width_multiple(self) -> usize {
         match self {
-            QuantFormat::Bf16 => 1,
+            QuantFormat::Bf16 | QuantFormat::I16 => 1,
             _ => K_MULTIPLE,
         }
     }
@@ -109,6 +119,7 @@ impl FromStr for QuantFormat {
 enum Storage {
     Blocks(Arc<QMatrix>),
     Bf16(Arc<Bf16Matrix>),
+    I16(Arc<I16Matrix>),
 }
 
 /// A quantized copy of a dense `[out, in]` weight, tied to the tensor it was made from.
@@ -147,6 +158,7 @@ impl QuantizedWeight {
             .to_vec1::<f32>()?;
         let storage = match format {
             QuantFormat::Bf16 => Storage::Bf16(Arc::new(Bf16Matrix::new(&w, out_dim, in_dim))),
+            QuantFormat::I16 => Storage::I16(Arc::new(I16Matrix::new(&w, out_dim, in_dim))),
             QuantFormat::Q8_0 => Storage::Blocks(Arc::new(QMatrix::q8(&w))),
             QuantFormat::Q4_1 => Storage::Blocks(Arc::new(QMatrix::q4_1(&w))),
             QuantFormat::Q4_0 => Storage::Blocks(Arc::new(QMatrix::q4_0(&w))),
@@ -174,6 +186,7 @@ impl QuantizedWeight {
         match &self.storage {
             Storage::Blocks(b) => b.size_in_bytes(),
             Storage::Bf16(m) => m.size_in_bytes(),
+            Storage::I16(m) => m.size_in_bytes(),
         }
     }
 
@@ -198,13 +211,19 @@ impl QuantizedWeight {
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_dim;
         }
+        let tiled = |out: Vec<f32>| Tensor::from_vec(out, out_dims.clone(), x.device());
+        let bias_f32 = || {
+            bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+                .transpose()
+        };
         let y = match &self.storage {
             Storage::Bf16(w) => {
-                let b = bias
-                    .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
-                    .transpose()?;
-                let out = bf16_gemm::matmul(w, x, b.as_deref())?;
-                return Tensor::from_vec(out, out_dims, x.device())?.to_dtype(x.dtype());
+                let out = tiled_gemm::matmul(w, x, bias_f32()?.as_deref())?;
+                return tiled(out)?.to_dtype(x.dtype());
+            }
+            Storage::I16(w) => {
+                let out = tiled_gemm::matmul(w, x, bias_f32()?.as_deref())?;
+                return tiled(out)?.to_dtype(x.dtype());
             }
             Storage::Blocks(w) => {
                 let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -229,6 +248,7 @@ impl QuantizedWeight {
         let w = match &self.storage {
             Storage::Blocks(b) => b.dequantize(),
             Storage::Bf16(m) => m.dequantize(),
+            Storage::I16(m) => m.dequantize(),
         };
         Tensor::from_vec(w, (self.out_dim, self.in_dim), &candle_core::Device::Cpu)
     }
