@@ -34,8 +34,10 @@ $BIN bench train --model $GGUF --device cpu --dtype f32 --batch-size 4 --seq-len
 $PY crates/lorafuse-cli/benches/train_peer.py --model $GGUF --threads "$THREADS" --steps 3 --warmup 1 \
   >> "$OUT/train_peft.jsonl" 2>/dev/null
 # Embeddings, real all-MiniLM-L6-v2, documents of ~29 and ~53 tokens.
+# Ours dense f32, ours with int16 projections, then sentence-transformers, back to back.
 for rep in 1 2; do
   $EMBED_BENCH --device cpu --repeat $rep >> "$OUT/embed_ours.jsonl"
+  $EMBED_BENCH --device cpu --repeat $rep --quantize i16 >> "$OUT/embed_ours.jsonl"
   $PY crates/lorafuse-cli/benches/embed_peer.py --cpu --threads "$THREADS" --repeat $rep >> "$OUT/embed_st.jsonl" 2>/dev/null
 done
 echo "load after: $(cat /proc/loadavg)" >&2

@@ -61,6 +61,7 @@ fn quantized_forward_matches_dense_within_quantization_error() {
     let scale = max_abs(&want);
     for (format, tol) in [
         (QuantFormat::Bf16, 0.01),
+        (QuantFormat::I16, 0.001),
         (QuantFormat::Q8_0, 0.01),
         (QuantFormat::Q4_1, 0.08),
         (QuantFormat::Q4_0, 0.12),

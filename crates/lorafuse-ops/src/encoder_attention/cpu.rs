@@ -1,6 +1,7 @@
-//! The CPU f32 encoder attention: one batch row per task, heads one after another, each head's
-//! keys transposed (and scaled) and values gathered once into scratch, then per query row the
-//! scores, softmax and weighted values in registers-sized loops that vectorise.
+//! The CPU f32 encoder attention: one batch row per task (one head per task when there are too few
+//! rows to keep every thread busy), heads one after another, each head's keys transposed (and
+//! scaled) and values gathered once into scratch, then register tiles of scores, a softmax per
+//! row, and register tiles of weighted values.
 
 use super::OP;
 use crate::cpu_util::{fast_exp, filled_vec};
@@ -24,13 +25,18 @@ struct Scratch {
     o: Vec<f32>,
 }
 
-/// Sizes of a call.
+/// Sizes of a call, and the heads one task computes.
 #[derive(Clone, Copy)]
 struct Dims {
     t: usize,
+    /// Row stride of the inputs (all heads).
     h: usize,
     d: usize,
+    /// The task computes heads `head0..head0 + heads`...
+    head0: usize,
     heads: usize,
+    /// ...into an output whose rows are `out_stride` apart, head `head0` at column 0.
+    out_stride: usize,
     scale: f32,
 }
 
@@ -43,39 +49,70 @@ pub(super) fn forward(
     scale: f64,
 ) -> Result<Tensor> {
     let (b, t, h) = q.dims3()?;
+    let d = h / heads;
     let dm = Dims {
         t,
         h,
-        d: h / heads,
+        d,
+        head0: 0,
         heads,
+        out_stride: h,
         scale: scale as f32,
     };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let mask = mask.map(Tensor::contiguous).transpose()?;
+    let threads = rayon::current_num_threads();
     let out = with_slice(&q, |qs| {
         with_slice(&k, |ks| {
             with_slice(&v, |vs| {
+                let inputs = |bi: usize| {
+                    let rows = bi * t * h..(bi + 1) * t * h;
+                    (&qs[rows.clone()], &ks[rows.clone()], &vs[rows])
+                };
                 let run = |ms: Option<&[f32]>| {
-                    // SAFETY: the chunks partition the output and `batch_row` writes every
-                    // element of its chunk.
-                    unsafe {
-                        filled_vec(b * t * h, |dst| {
-                            dst.par_chunks_mut(t * h).enumerate().for_each_init(
-                                Scratch::default,
-                                |s, (bi, dst)| {
-                                    let rows = bi * t * h..(bi + 1) * t * h;
-                                    let m = ms.map(|m| &m[bi * t..(bi + 1) * t]);
-                                    batch_row(
-                                        (&qs[rows.clone()], &ks[rows.clone()], &vs[rows]),
-                                        m,
-                                        dm,
-                                        s,
-                                        dst,
-                                    );
-                                },
-                            )
-                        })
+                    let mask_row = |bi: usize| ms.map(|m| &m[bi * t..(bi + 1) * t]);
+                    if b >= 2 * threads {
+                        // SAFETY: the chunks partition the output and `batch_row` writes every
+                        // element of its chunk.
+                        return unsafe {
+                            filled_vec(b * t * h, |dst| {
+                                dst.par_chunks_mut(t * h)
+                                    .enumerate()
+                                    .for_each_init(Scratch::default, |s, (bi, dst)| {
+                                        batch_row(inputs(bi), mask_row(bi), dm, s, dst)
+                                    })
+                            })
+                        };
                     }
+                    // Few batch rows (a single document): one task per head, each into its own
+                    // `[t, d]` block, then merged.
+                    let blocks: Vec<Vec<f32>> = (0..b * heads)
+                        .into_par_iter()
+                        .map_init(Scratch::default, |s, task| {
+                            let (bi, head) = (task / heads, task % heads);
+                            let one = Dims {
+                                head0: head,
+                                heads: 1,
+                                out_stride: d,
+                                ..dm
+                            };
+                            // SAFETY: `batch_row` writes all `t * d` elements of its block.
+                            unsafe {
+                                filled_vec(t * d, |dst| {
+                                    batch_row(inputs(bi), mask_row(bi), one, s, dst)
+                                })
+                            }
+                        })
+                        .collect();
+                    let mut out = Vec::with_capacity(b * t * h);
+                    for bi in 0..b {
+                        for i in 0..t {
+                            for block in &blocks[bi * heads..(bi + 1) * heads] {
+                                out.extend_from_slice(&block[i * d..(i + 1) * d]);
+                            }
+                        }
+                    }
+                    out
                 };
                 match &mask {
                     Some(m) => with_slice(m, |ms| Ok(run(Some(ms)))),
@@ -114,14 +151,16 @@ fn batch_row(
         t,
         h,
         d,
+        head0,
         heads,
+        out_stride,
         scale,
     } = dm;
     let (q, k, v) = qkv;
     s.p.resize(t, 0.0);
     s.o.resize(d, 0.0);
-    for head in 0..heads {
-        let c0 = head * d;
+    for head in head0..head0 + heads {
+        let (c0, oc) = (head * d, (head - head0) * d);
         for i in 0..t {
             let qi = &q[i * h + c0..][..d];
             for (j, p) in s.p.iter_mut().enumerate() {
@@ -141,7 +180,7 @@ fn batch_row(
                     *o += p * vv;
                 }
             }
-            for (dst, &o) in out[i * h + c0..][..d].iter_mut().zip(s.o.iter()) {
+            for (dst, &o) in out[i * out_stride + oc..][..d].iter_mut().zip(s.o.iter()) {
                 dst.write(o / sum);
             }
         }
@@ -183,7 +222,9 @@ mod avx512 {
             t,
             h,
             d,
+            head0,
             heads,
+            out_stride,
             scale,
         }: Dims,
         s: &mut Scratch,
@@ -199,8 +240,8 @@ mod avx512 {
         for (j, b) in key_bias.iter_mut().enumerate().take(t) {
             *b = mask.map_or(0.0, |m| m[j]);
         }
-        for head in 0..heads {
-            let c0 = head * d;
+        for head in head0..head0 + heads {
+            let (c0, oc) = (head * d, (head - head0) * d);
             for (e, kt) in s.kt.chunks_exact_mut(tp).enumerate() {
                 for (j, kt) in kt[..t].iter_mut().enumerate() {
                     *kt = k[j * h + c0 + e] * scale;
@@ -252,16 +293,16 @@ mod avx512 {
                 for e0 in (0..d).step_by(2 * LANES) {
                     let two = e0 + 2 * LANES <= d;
                     let vh = s.vh[e0..].as_ptr();
-                    let dst = out[i0 * h + c0 + e0..].as_mut_ptr() as *mut f32;
+                    let dst = out[i0 * out_stride + oc + e0..].as_mut_ptr() as *mut f32;
                     // SAFETY: probabilities of rows `i0..i0 + rows` (keys `0..t`), value rows
                     // `0..t` at columns `e0..e0 + 16` or `+ 32` (the second only when `two`;
                     // `vh` has 16 spare values for the unused read), and the same columns of
                     // `out`'s rows.
                     match rows {
-                        1 => values::<1>(p, tp, vh, d, t, inv, two, dst, h),
-                        2 => values::<2>(p, tp, vh, d, t, inv, two, dst, h),
-                        3 => values::<3>(p, tp, vh, d, t, inv, two, dst, h),
-                        _ => values::<ROWS>(p, tp, vh, d, t, inv, two, dst, h),
+                        1 => values::<1>(p, tp, vh, d, t, inv, two, dst, out_stride),
+                        2 => values::<2>(p, tp, vh, d, t, inv, two, dst, out_stride),
+                        3 => values::<3>(p, tp, vh, d, t, inv, two, dst, out_stride),
+                        _ => values::<ROWS>(p, tp, vh, d, t, inv, two, dst, out_stride),
                     }
                 }
             }
@@ -298,7 +339,8 @@ mod avx512 {
         }
     }
 
-    /// `out[r][0..16 or 32] = inv[r] * sum_j p[r][j] vh[j][0..16 or 32]` for `R` rows.
+    /// `out[r][0..16 or 32] = inv[r] * sum_j p[r][j] vh[j][0..16 or 32]` for `R` rows (`out` rows
+    /// `stride` apart).
     #[inline]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
@@ -311,7 +353,7 @@ mod avx512 {
         inv: &[f32],
         two: bool,
         out: *mut f32,
-        h: usize,
+        stride: usize,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for j in 0..t {
@@ -325,9 +367,9 @@ mod avx512 {
         }
         for (r, acc) in acc.iter().enumerate() {
             let s = _mm512_set1_ps(inv[r]);
-            _mm512_storeu_ps(out.add(r * h), _mm512_mul_ps(acc[0], s));
+            _mm512_storeu_ps(out.add(r * stride), _mm512_mul_ps(acc[0], s));
             if two {
-                _mm512_storeu_ps(out.add(r * h + LANES), _mm512_mul_ps(acc[1], s));
+                _mm512_storeu_ps(out.add(r * stride + LANES), _mm512_mul_ps(acc[1], s));
             }
         }
     }

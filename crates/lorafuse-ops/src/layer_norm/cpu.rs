@@ -71,7 +71,7 @@ fn fwd_rows<T: WithDType, A: Acc>(
     let nf = A::from_f64(n as f64);
     let eps = A::from_f64(eps);
     let one = A::from_f64(1.0);
-    y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+    let row = |(y, x): (&mut [MaybeUninit<T>], &[T])| {
         let mean = row_sum(x, load, |v| v) / nf;
         let var = row_sum(x, load, |v| (v - mean) * (v - mean)) / nf;
         let rstd = one / (var + eps).sqrt();
@@ -87,8 +87,17 @@ fn fwd_rows<T: WithDType, A: Acc>(
                 }
             }
         }
-    });
+    };
+    // A single document's rows (55 x 384) take microseconds: waking a thread would cost more.
+    if x.len() < PAR_MIN_ELEMS {
+        y.chunks_mut(n).zip(x.chunks(n)).for_each(row);
+    } else {
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(row);
+    }
 }
+
+/// Below this many elements the forward runs on the calling thread.
+const PAR_MIN_ELEMS: usize = 1 << 15;
 
 pub(super) struct Fwd {
     pub eps: f64,
