@@ -23,7 +23,7 @@
 //! With the FMA kernel, big batches cost the same multiply-adds as f32, so the gain there is only
 //! the tiling; few rows (a single document) gain most, from the tiles and the halved weight bytes.
 
-use super::tiled_gemm::PackedWeight;
+use super::tiled_gemm::{for_each_tile, PackedWeight};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -120,48 +120,10 @@ impl Bf16Matrix {
     pub fn gemm(&self, x: &Bf16Acts, outs: Range<usize>, dst: &mut [f32]) {
         let len = x.rows * outs.len();
         let mut tmp = vec![MaybeUninit::new(0f32); len];
-        self.gemm_rows(x, 0..x.rows, outs, None, &mut tmp);
+        PackedWeight::gemm_rows(self, x, 0..x.rows, outs, None, &mut tmp);
         for (d, v) in dst[..len].iter_mut().zip(tmp) {
             // SAFETY: every slot of `tmp` was initialised when it was made.
             *d = unsafe { v.assume_init() };
-        }
-    }
-
-    /// [`Bf16Matrix::gemm`] for activation rows `rows` only, plus `bias` (`dst` is `[rows.len(),
-    /// outs.len()]`, every slot of which is written).
-    pub fn gemm_rows(
-        &self,
-        x: &Bf16Acts,
-        rows: Range<usize>,
-        outs: Range<usize>,
-        bias: Option<&[f32]>,
-        dst: &mut [MaybeUninit<f32>],
-    ) {
-        let width = outs.len();
-        assert!(x.k2 == self.k2 && rows.end <= x.rows && outs.end <= self.n);
-        assert!(dst.len() >= rows.len() * width);
-        if width == 0 {
-            return;
-        }
-        let first = outs.start / TILE_COLS;
-        let last = outs.end.div_ceil(TILE_COLS);
-        let mut tile = [[0f32; TILE_COLS]; TILE_ROWS];
-        for r0 in rows.clone().step_by(TILE_ROWS) {
-            let rr = TILE_ROWS.min(rows.end - r0);
-            for t in first..last {
-                let col0 = t * TILE_COLS;
-                self.tile(x, r0, rr, t * TILE_PANELS, &mut tile);
-                // The tile's columns that `outs` asks for.
-                let lo = outs.start.max(col0);
-                let hi = outs.end.min(col0 + TILE_COLS);
-                for (r, tr) in tile.iter().enumerate().take(rr) {
-                    let d = &mut dst[(r0 - rows.start + r) * width..][..width];
-                    let d = &mut d[lo - outs.start..hi - outs.start];
-                    for (i, (d, &v)) in d.iter_mut().zip(&tr[lo - col0..hi - col0]).enumerate() {
-                        d.write(v + bias.map_or(0.0, |b| b[lo + i]));
-                    }
-                }
-            }
         }
     }
 
@@ -406,6 +368,8 @@ impl PackedWeight for Bf16Matrix {
         Bf16Acts::with_kernel(x, self.k, Kernel::best())
     }
 
+    /// [`Bf16Matrix::gemm`] for activation rows `rows` only, plus `bias` (`dst` is `[rows.len(),
+    /// outs.len()]`, every slot of which is written).
     fn gemm_rows(
         &self,
         x: &Bf16Acts,
@@ -414,7 +378,22 @@ impl PackedWeight for Bf16Matrix {
         bias: Option<&[f32]>,
         dst: &mut [MaybeUninit<f32>],
     ) {
-        Bf16Matrix::gemm_rows(self, x, rows, outs, bias, dst)
+        let width = outs.len();
+        assert!(x.k2 == self.k2 && rows.end <= x.rows && outs.end <= self.n);
+        assert!(dst.len() >= rows.len() * width);
+        let mut tile = [[0f32; TILE_COLS]; TILE_ROWS];
+        for_each_tile::<Self>(rows.clone(), outs.clone(), |r0, rr, t, cols| {
+            self.tile(x, r0, rr, t * TILE_PANELS, &mut tile);
+            let col0 = t * TILE_COLS;
+            for (r, tr) in tile.iter().enumerate().take(rr) {
+                let d = &mut dst[(r0 - rows.start + r) * width..][..width];
+                let d = &mut d[cols.start - outs.start..cols.end - outs.start];
+                let src = &tr[cols.start - col0..cols.end - col0];
+                for (i, (d, &v)) in d.iter_mut().zip(src).enumerate() {
+                    d.write(v + bias.map_or(0.0, |b| b[cols.start + i]));
+                }
+            }
+        });
     }
 }
 
@@ -556,22 +535,8 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tiled_gemm::matmul;
+    use super::super::tiled_gemm::test_support::{check_driver, data};
     use super::*;
-    use candle_core::Tensor;
-    use std::sync::Arc;
-
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0
-            })
-            .collect()
-    }
 
     #[test]
     fn rounding_is_to_nearest_even_and_keeps_specials() {
@@ -664,38 +629,19 @@ mod tests {
         }
     }
 
-    /// The threaded driver: blocks gathered in place with the bias, for row counts that give
-    /// one partial block, several blocks and a decode step's single row (which must get the
-    /// bits the same row gets inside a batch).
+    /// The threaded driver with this kernel (see `tiled_gemm::test_support`).
     #[test]
-    fn matmul_gathers_blocks_with_the_bias_and_rows_do_not_interact() {
+    fn matmul_adds_the_bias_and_rows_do_not_interact() {
         let (n, k) = (200, 97);
-        let w = data(n * k, 21);
-        let bias = data(n, 23);
-        let m = Arc::new(Bf16Matrix::new(&w, n, k));
-        for rows in [1, 29, 300] {
-            let x = data(rows * k, 22 + rows as u64);
-            let xt = Tensor::from_vec(x.clone(), (rows, k), &candle_core::Device::Cpu).unwrap();
-            let got = matmul(&m, &xt, Some(&bias)).unwrap();
-            let mut want = vec![0f32; rows * n];
+        check_driver(Bf16Matrix::new(&data(n * k, 21), n, k), |m, x| {
+            let mut want = vec![0f32; x.len() / k * n];
             m.gemm(
-                &Bf16Acts::with_kernel(&x, k, Kernel::Scalar),
+                &Bf16Acts::with_kernel(x, k, Kernel::Scalar),
                 0..n,
                 &mut want,
             );
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                let e = e + bias[i % n];
-                assert!(
-                    (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                    "rows {rows} [{i}]: {g} vs {e}"
-                );
-            }
-            assert_eq!(got.len(), want.len());
-            let row = rows / 2;
-            let one = Tensor::from_vec(x[row * k..(row + 1) * k].to_vec(), (1, k), xt.device());
-            let one = matmul(&m, &one.unwrap(), Some(&bias)).unwrap();
-            assert_eq!(one, got[row * n..(row + 1) * n], "rows {rows}, row {row}");
-        }
+            want.into_iter().map(f64::from).collect()
+        });
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! Gaussian-like rows, about five times below bf16 rounding.
 
 use super::simd;
-use super::tiled_gemm::PackedWeight;
+use super::tiled_gemm::{for_each_tile, PackedWeight};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -152,44 +152,6 @@ impl I16Matrix {
             k2: self.k2,
         }
     }
-
-    /// [`PackedWeight::gemm_rows`]: exact integer tiles, scaled (and biased) into `dst`.
-    fn tiles_into(
-        &self,
-        x: &I16Acts,
-        rows: Range<usize>,
-        outs: Range<usize>,
-        bias: Option<&[f32]>,
-        dst: &mut [MaybeUninit<f32>],
-    ) {
-        let width = outs.len();
-        assert!(x.k2 == self.k2 && rows.end <= x.rows && outs.end <= self.n);
-        assert!(dst.len() >= rows.len() * width);
-        if width == 0 {
-            return;
-        }
-        let first = outs.start / TILE_COLS;
-        let last = outs.end.div_ceil(TILE_COLS);
-        let panel = self.k2 * LANES * 2;
-        let mut tile = [[0i32; TILE_COLS]; TILE_ROWS];
-        for r0 in rows.clone().step_by(TILE_ROWS) {
-            let rr = TILE_ROWS.min(rows.end - r0);
-            let xs = &x.values[r0 * 2 * self.k2..(r0 + rr) * 2 * self.k2];
-            for t in first..last {
-                let col0 = t * TILE_COLS;
-                let w = &self.w[t * TILE_PANELS * panel..(t + 1) * TILE_PANELS * panel];
-                int_tile(w, xs, rr, self.k2, &mut tile);
-                let lo = outs.start.max(col0);
-                let hi = outs.end.min(col0 + TILE_COLS);
-                let rows_out = (r0 - rows.start) * width..(r0 - rows.start + rr) * width;
-                let d = &mut dst[rows_out];
-                let cols = (lo - outs.start, lo - col0, hi - lo);
-                let (sx, sw) = (&x.scale[r0..r0 + rr], &self.scale[lo..hi]);
-                let bias = bias.map(|b| &b[lo..hi]);
-                scale_tile(&tile[..rr], sx, sw, bias, width, cols, d);
-            }
-        }
-    }
 }
 
 simd::wide_fn!(
@@ -249,6 +211,7 @@ impl PackedWeight for I16Matrix {
         self.quantize_acts(x)
     }
 
+    /// Exact integer tiles, scaled (and biased) into `dst`.
     fn gemm_rows(
         &self,
         x: &I16Acts,
@@ -257,7 +220,25 @@ impl PackedWeight for I16Matrix {
         bias: Option<&[f32]>,
         dst: &mut [MaybeUninit<f32>],
     ) {
-        self.tiles_into(x, rows, outs, bias, dst)
+        let width = outs.len();
+        assert!(x.k2 == self.k2 && rows.end <= x.rows && outs.end <= self.n);
+        assert!(dst.len() >= rows.len() * width);
+        let panel = self.k2 * LANES * 2;
+        let mut tile = [[0i32; TILE_COLS]; TILE_ROWS];
+        for_each_tile::<Self>(rows.clone(), outs.clone(), |r0, rr, t, cols| {
+            let xs = &x.values[r0 * 2 * self.k2..(r0 + rr) * 2 * self.k2];
+            let w = &self.w[t * TILE_PANELS * panel..(t + 1) * TILE_PANELS * panel];
+            int_tile(w, xs, rr, self.k2, &mut tile);
+            let rows_out = (r0 - rows.start) * width..(r0 - rows.start + rr) * width;
+            let place = (
+                cols.start - outs.start,
+                cols.start - t * TILE_COLS,
+                cols.len(),
+            );
+            let (sx, sw) = (&x.scale[r0..r0 + rr], &self.scale[cols.clone()]);
+            let bias = bias.map(|b| &b[cols]);
+            scale_tile(&tile[..rr], sx, sw, bias, width, place, &mut dst[rows_out]);
+        });
     }
 }
 
@@ -482,27 +463,13 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tiled_gemm::matmul;
+    use super::super::tiled_gemm::test_support::{check_driver, data};
     use super::*;
-    use candle_core::Tensor;
-    use std::sync::Arc;
 
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0
-            })
-            .collect()
-    }
-
-    /// `tiles_into` for all `rows` and outputs `outs`, no bias.
+    /// `gemm_rows` for all `rows` and outputs `outs`, no bias.
     fn run(m: &I16Matrix, acts: &I16Acts, rows: usize, outs: Range<usize>) -> Vec<f32> {
         let mut got = vec![MaybeUninit::new(f32::NAN); rows * outs.len()];
-        m.tiles_into(acts, 0..rows, outs, None, &mut got);
+        m.gemm_rows(acts, 0..rows, outs, None, &mut got);
         // SAFETY: every slot was initialised (to NaN) before the kernel overwrote it.
         got.into_iter()
             .map(|v| unsafe { v.assume_init() })
@@ -599,28 +566,16 @@ mod tests {
         assert!(got[n..].iter().all(|v| v.is_nan()));
     }
 
-    /// The threaded driver with this kernel: bias added, and a row alone gets the bits it gets
-    /// inside a batch.
+    /// The threaded driver with this kernel (see `tiled_gemm::test_support`).
     #[test]
-    fn matmul_rows_do_not_interact() {
+    fn matmul_adds_the_bias_and_rows_do_not_interact() {
         let (n, k) = (200, 97);
-        let w = data(n * k, 21);
-        let bias = data(n, 23);
-        let m = Arc::new(I16Matrix::new(&w, n, k));
-        for rows in [1, 29, 300] {
-            let x = data(rows * k, 22 + rows as u64);
-            let xt = Tensor::from_vec(x.clone(), (rows, k), &candle_core::Device::Cpu).unwrap();
-            let got = matmul(&m, &xt, Some(&bias)).unwrap();
-            let acts = m.quantize_acts(&x);
-            for (i, g) in got.iter().enumerate() {
-                let e = oracle(&m, &acts, i / n, i % n) + f64::from(bias[i % n]);
-                assert!((f64::from(*g) - e).abs() <= 1e-5 * (1.0 + e.abs()), "[{i}]");
-            }
-            let row = rows / 2;
-            let one = Tensor::from_vec(x[row * k..(row + 1) * k].to_vec(), (1, k), xt.device());
-            let one = matmul(&m, &one.unwrap(), Some(&bias)).unwrap();
-            assert_eq!(one, got[row * n..(row + 1) * n], "rows {rows}, row {row}");
-        }
+        check_driver(I16Matrix::new(&data(n * k, 21), n, k), |m, x| {
+            let acts = m.quantize_acts(x);
+            (0..acts.rows * n)
+                .map(|i| oracle(m, &acts, i / n, i % n))
+                .collect()
+        });
     }
 
     #[test]

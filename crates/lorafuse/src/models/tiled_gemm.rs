@@ -44,6 +44,32 @@ pub(crate) trait PackedWeight: Send + Sync + 'static {
     );
 }
 
+/// Walks the register tiles that cover rows `rows` and outputs `outs` (tiles of `W::TILE_ROWS` x
+/// `W::TILE_COLS`, row tiles outer): `f(r0, rr, t, cols)` for rows `r0..r0 + rr`, column tile `t`,
+/// and `cols`, the outputs of that tile which `outs` asks for.
+pub(crate) fn for_each_tile<W: PackedWeight>(
+    rows: Range<usize>,
+    outs: Range<usize>,
+    mut f: impl FnMut(usize, usize, usize, Range<usize>),
+) {
+    if outs.is_empty() {
+        return;
+    }
+    let (first, last) = (outs.start / W::TILE_COLS, outs.end.div_ceil(W::TILE_COLS));
+    for r0 in rows.clone().step_by(W::TILE_ROWS) {
+        let rr = W::TILE_ROWS.min(rows.end - r0);
+        for t in first..last {
+            let col0 = t * W::TILE_COLS;
+            f(
+                r0,
+                rr,
+                t,
+                outs.start.max(col0)..outs.end.min(col0 + W::TILE_COLS),
+            );
+        }
+    }
+}
+
 /// Register tiles per output block, in rows, when there are many rows: with a MiniLM layer's
 /// widest weight (1536 x 384, 1.2 MB in 16 bits) a block's activations and outputs stay in the
 /// 2 MB L2 beside it.
@@ -195,5 +221,55 @@ impl<W: PackedWeight> TileJob for GemmJob<W> {
         // SAFETY: `gemm_rows` writes all of the first `len` slots (its contract).
         unsafe { out.set_len(len) };
         out
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::{matmul, PackedWeight};
+    use candle_core::Tensor;
+    use std::sync::Arc;
+
+    /// `n` seeded values uniform in `[-1, 1)`.
+    pub fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0
+            })
+            .collect()
+    }
+
+    /// The driver on `w` against `want(w, x)`, the kernel's own product of `x` (`[rows, k]`)
+    /// without bias: bias added, for row counts that take the pool (one row, 29) and the row
+    /// blocks (300); and a row alone gets the bits it gets inside a batch.
+    pub fn check_driver<W: PackedWeight>(w: W, want: impl Fn(&W, &[f32]) -> Vec<f64>) {
+        let (n, k) = w.dims();
+        let w = Arc::new(w);
+        let bias = data(n, 23);
+        for rows in [1, 29, 300] {
+            let x = data(rows * k, 22 + rows as u64);
+            let xt = Tensor::from_vec(x.clone(), (rows, k), &candle_core::Device::Cpu).unwrap();
+            let got = matmul(&w, &xt, Some(&bias)).unwrap();
+            let expected = want(&w, &x);
+            assert_eq!(got.len(), expected.len());
+            for (i, (&g, &e)) in got.iter().zip(&expected).enumerate() {
+                let e = e + f64::from(bias[i % n]);
+                let g = f64::from(g);
+                assert!(
+                    (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "{} rows {rows} [{i}]: {g} vs {e}",
+                    W::LABEL
+                );
+            }
+            let row = rows / 2;
+            let one = x[row * k..(row + 1) * k].to_vec();
+            let one = Tensor::from_vec(one, (1, k), xt.device()).unwrap();
+            let one = matmul(&w, &one, Some(&bias)).unwrap();
+            assert_eq!(one, got[row * n..(row + 1) * n], "rows {rows}, row {row}");
+        }
     }
 }
