@@ -113,11 +113,21 @@ fn minilm_peft_adapter_matches_sentence_transformers_with_peft_on_cpu_f32() {
 /// the base projections run on their bf16 copies and the adapters add their f32 deltas.
 #[test]
 fn minilm_peft_adapter_on_a_bf16_encoder_stays_within_1e_4_of_peft() {
+    adapter_on_a_quantized_encoder(lorafuse::models::QuantFormat::Bf16);
+}
+
+/// The same with `--quantize i16`.
+#[test]
+fn minilm_peft_adapter_on_an_i16_encoder_stays_within_1e_4_of_peft() {
+    adapter_on_a_quantized_encoder(lorafuse::models::QuantFormat::I16);
+}
+
+fn adapter_on_a_quantized_encoder(format: lorafuse::models::QuantFormat) {
     let Some(dir) = minilm() else { return };
     let (_, cases) = reference();
     let texts: Vec<&str> = cases.iter().map(|c| c.text.as_str()).collect();
     let mut emb = Embedder::load(&dir, &Device::Cpu, DType::F32).unwrap();
-    emb.quantize(lorafuse::models::QuantFormat::Bf16).unwrap();
+    emb.quantize(format).unwrap();
     emb.load_adapter(&fixtures().join("minilm_peft_adapter"), "peft")
         .unwrap();
     let got = emb.encode(&texts).unwrap();
@@ -132,22 +142,19 @@ fn minilm_peft_adapter_on_a_bf16_encoder_stays_within_1e_4_of_peft() {
             c.text
         );
     }
-    // The bf16 copies really ran under the adapters: the vectors differ from the dense ones.
+    // The quantized copies really ran under the adapters: the vectors differ from the dense ones.
     let mut dense = Embedder::load(&dir, &Device::Cpu, DType::F32).unwrap();
     dense
         .load_adapter(&fixtures().join("minilm_peft_adapter"), "peft")
         .unwrap();
     let moved = max_abs_diff(&got, &dense.encode(&texts).unwrap());
-    println!("minilm + PEFT adapter, cpu bf16 weights: min cosine {worst:.8} (max abs diff to dense {moved:.3e})");
+    println!("minilm + PEFT adapter, cpu {format} weights: min cosine {worst:.8} (max abs diff to dense {moved:.3e})");
     assert!(
-        moved > 1e-5,
-        "bf16 embeddings equal the dense ones ({moved})"
+        moved > 1e-6,
+        "{format} embeddings equal the dense ones ({moved})"
     );
     // Quantizing once adapters wrap the projections is refused, naming one.
-    let err = emb
-        .quantize(lorafuse::models::QuantFormat::Bf16)
-        .unwrap_err()
-        .to_string();
+    let err = emb.quantize(format).unwrap_err().to_string();
     assert!(
         err.contains("encoder.layer.0") && err.contains("adapters"),
         "{err}"
