@@ -64,6 +64,35 @@ fn minilm_matches_sentence_transformers_on_cpu_f32() {
     );
 }
 
+/// `Embedder::load` on the CPU in f32 multiplies with packed copies of the exact weights for
+/// short batches (one text at a time here); they agree with the stock products to f32 rounding,
+/// and with sentence-transformers.
+#[test]
+fn minilm_packed_f32_matches_the_stock_products() {
+    let Some(dir) = minilm() else { return };
+    let cases = fixture();
+    let texts: Vec<&str> = cases.iter().map(|c| c.text.as_str()).collect();
+    let mut emb = Embedder::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    emb.options_mut().batch_size = 1;
+    let packed = emb.encode(&texts).unwrap();
+    for (name, slot) in emb.model_mut().named_linears_mut() {
+        let linear = slot.as_any_mut().downcast_mut::<lorafuse::models::Linear>();
+        let linear = linear.unwrap_or_else(|| panic!("{name} is not a plain projection"));
+        assert_eq!(
+            linear.quantized().map(|q| q.format()),
+            Some(QuantFormat::F32)
+        );
+        linear.clear_quantized();
+    }
+    let stock = emb.encode(&texts).unwrap();
+    let diff = max_abs_diff(&packed, &stock);
+    assert!(diff > 0.0 && diff < 1e-5, "packed vs stock f32: {diff}");
+    for (c, g) in cases.iter().zip(&packed) {
+        let cos = cosine(g, &c.embedding);
+        assert!(cos >= 0.9999, "cosine {cos} for {:?}", c.text);
+    }
+}
+
 /// The encoder with a `format` copy of every projection against the sentence-transformers
 /// fixture (cosine >= 0.9999); returns the min cosine.
 fn quantized_minilm_matches(format: QuantFormat) -> Option<f64> {

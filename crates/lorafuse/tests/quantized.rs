@@ -62,6 +62,7 @@ fn quantized_forward_matches_dense_within_quantization_error() {
     for (format, tol) in [
         (QuantFormat::Bf16, 0.01),
         (QuantFormat::I16, 0.001),
+        (QuantFormat::F32, 1e-5),
         (QuantFormat::Q8_0, 0.01),
         (QuantFormat::Q4_1, 0.08),
         (QuantFormat::Q4_0, 0.12),

@@ -62,7 +62,8 @@ pub struct EmbedArgs {
     /// product is slow (Sapphire/Emerald Rapids) it helps single documents only. q8_0, q4_1,
     /// q4_0: llama.cpp-style blocks with 8-bit activations, built for batch-1 decoding; they move
     /// embeddings more (cosine ~0.998 for q8_0). Attention, LayerNorm, pooling and LoRA adapters
-    /// stay in the compute dtype. Default: off (the dense f32 weights).
+    /// stay in the compute dtype. f32: the exact weights, packed once for a tiled f32 GEMM;
+    /// the CPU f32 default (no option given), a second copy of the projections in memory.
     #[arg(long, value_name = "FORMAT", value_parser = parse_quant_format)]
     pub quantize: Option<QuantFormat>,
     /// LoRA adapters on the encoder: PEFT folders saved from the model's `BertModel` (e.g.

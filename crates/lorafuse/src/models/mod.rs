@@ -3,6 +3,7 @@
 
 pub mod bert;
 mod bf16_gemm;
+mod f32_gemm;
 mod gemv_pool;
 mod i16_gemm;
 pub mod linear;

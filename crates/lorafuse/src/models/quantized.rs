@@ -23,6 +23,7 @@
 //! not started, and the scales are f32.
 
 use super::bf16_gemm::Bf16Matrix;
+use super::f32_gemm::F32Matrix;
 use super::gemv_pool::{self, RowJob};
 use super::i16_gemm::I16Matrix;
 use super::linear::Linear;
@@ -45,6 +46,11 @@ pub enum QuantFormat {
     /// time). For batched encoding, which is bound by multiply-adds, not bytes: near-lossless,
     /// and the tiled GEMM beats the block formats' row-by-row products there.
     Bf16,
+    /// Not a quantization: the exact f32 weights, packed once for a register-tiled f32 GEMM (4
+    /// bytes per weight, a second copy). The CPU embedder uses it by default; for a few rows it is
+    /// faster than products that stream the unpacked weight, for many it saves packing the weight
+    /// on every call.
+    F32,
     /// int16 weights with one f32 scale per output row, 2 bytes per weight; activations are
     /// quantized to int16 per row and per product, and the integer sums are exact (AVX512-VNNI
     /// `vpdpwssd` where the CPU has it). For batched encoding: twice the f32 multiply-add rate on
@@ -62,8 +68,9 @@ pub enum QuantFormat {
 
 impl QuantFormat {
     /// Every format, as the CLI lists them.
-    pub const ALL: [QuantFormat; 5] = [
+    pub const ALL: [QuantFormat; 6] = [
         QuantFormat::Bf16,
+        QuantFormat::F32,
         QuantFormat::I16,
         QuantFormat::Q8_0,
         QuantFormat::Q4_1,
@@ -75,6 +82,7 @@ impl QuantFormat {
         match self {
             QuantFormat::Bf16 => "bf16",
             QuantFormat::I16 => "i16",
+            QuantFormat::F32 => "f32",
             QuantFormat::Q8_0 => "q8_0",
             QuantFormat::Q4_1 => "q4_1",
             QuantFormat::Q4_0 => "q4_0",
@@ -85,7 +93,7 @@ impl QuantFormat {
     /// the block formats: q4 packs block pairs; any width for bf16).
     pub fn width_multiple(self) -> usize {
         match self {
-            QuantFormat::Bf16 | QuantFormat::I16 => 1,
+            QuantFormat::Bf16 | QuantFormat::I16 | QuantFormat::F32 => 1,
             _ => K_MULTIPLE,
         }
     }
@@ -120,6 +128,7 @@ enum Storage {
     Blocks(Arc<QMatrix>),
     Bf16(Arc<Bf16Matrix>),
     I16(Arc<I16Matrix>),
+    F32(Arc<F32Matrix>),
 }
 
 /// A quantized copy of a dense `[out, in]` weight, tied to the tensor it was made from.
@@ -159,6 +168,7 @@ impl QuantizedWeight {
         let storage = match format {
             QuantFormat::Bf16 => Storage::Bf16(Arc::new(Bf16Matrix::new(&w, out_dim, in_dim))),
             QuantFormat::I16 => Storage::I16(Arc::new(I16Matrix::new(&w, out_dim, in_dim))),
+            QuantFormat::F32 => Storage::F32(Arc::new(F32Matrix::new(&w, out_dim, in_dim))),
             QuantFormat::Q8_0 => Storage::Blocks(Arc::new(QMatrix::q8(&w))),
             QuantFormat::Q4_1 => Storage::Blocks(Arc::new(QMatrix::q4_1(&w))),
             QuantFormat::Q4_0 => Storage::Blocks(Arc::new(QMatrix::q4_0(&w))),
@@ -187,6 +197,7 @@ impl QuantizedWeight {
             Storage::Blocks(b) => b.size_in_bytes(),
             Storage::Bf16(m) => m.size_in_bytes(),
             Storage::I16(m) => m.size_in_bytes(),
+            Storage::F32(m) => m.size_in_bytes(),
         }
     }
 
@@ -225,6 +236,10 @@ impl QuantizedWeight {
                 let out = tiled_gemm::matmul(w, x, bias_f32()?.as_deref())?;
                 return tiled(out)?.to_dtype(x.dtype());
             }
+            Storage::F32(w) => {
+                let out = tiled_gemm::matmul(w, x, bias_f32()?.as_deref())?;
+                return tiled(out)?.to_dtype(x.dtype());
+            }
             Storage::Blocks(w) => {
                 let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let acts = QActs::new(&xs, self.in_dim);
@@ -249,6 +264,7 @@ impl QuantizedWeight {
             Storage::Blocks(b) => b.dequantize(),
             Storage::Bf16(m) => m.dequantize(),
             Storage::I16(m) => m.dequantize(),
+            Storage::F32(m) => m.dequantize(),
         };
         Tensor::from_vec(w, (self.out_dim, self.in_dim), &candle_core::Device::Cpu)
     }
