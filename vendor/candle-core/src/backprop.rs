@@ -442,6 +442,9 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
+                        // The gradient may come back strided (the product was transposed
+                        // afterwards, e.g. attention heads merged), which matmul refuses.
+                        let grad = grad.contiguous()?;
                         let lhs_grad = grad.matmul(&rhs.t()?)?;
                         grads.accumulate(lhs, &lhs_grad)?;
 

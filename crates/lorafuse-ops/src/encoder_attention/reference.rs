@@ -23,13 +23,8 @@ pub fn encoder_attention_reference(
         None => scores,
     };
     let probs = crate::softmax_last_dim(&scores)?;
-    let ctx = probs.matmul(&split(v)?)?;
-    // The head merge below hands this matmul's backward a transposed gradient, a striding
-    // Candle's matmul refuses; an identity affine's backward copies it contiguous first.
-    let ctx = if ctx.track_op() {
-        ctx.affine(1.0, 0.0)?
-    } else {
-        ctx
-    };
-    ctx.transpose(1, 2)?.reshape((b, t, h))
+    probs
+        .matmul(&split(v)?)?
+        .transpose(1, 2)?
+        .reshape((b, t, h))
 }
