@@ -23,17 +23,11 @@
 //! With the FMA kernel, big batches cost the same multiply-adds as f32, so the gain there is only
 //! the tiling; few rows (a single document) gain most, from the tiles and the halved weight bytes.
 
-use super::tiled_gemm::{for_each_tile, PackedWeight};
+use super::tiled_gemm::{bias_tile, for_each_tile, PackedWeight, LANES, TILE_COLS, TILE_PANELS};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-/// Output columns per packed panel (one zmm of f32 lanes).
-const LANES: usize = 16;
-/// Panels per register tile; the panel count is padded to a multiple of it.
-const TILE_PANELS: usize = 2;
-/// Output columns per register tile.
-const TILE_COLS: usize = LANES * TILE_PANELS;
 /// Activation rows per register tile: 8 x 2 zmm accumulators, plus the widened weights.
 const TILE_ROWS: usize = 8;
 
@@ -384,39 +378,23 @@ impl PackedWeight for Bf16Matrix {
         let mut tile = [[0f32; TILE_COLS]; TILE_ROWS];
         for_each_tile::<Self>(rows.clone(), outs.clone(), |r0, rr, t, cols| {
             self.tile(x, r0, rr, t * TILE_PANELS, &mut tile);
-            let col0 = t * TILE_COLS;
-            for (r, tr) in tile.iter().enumerate().take(rr) {
-                let d = &mut dst[(r0 - rows.start + r) * width..][..width];
-                let d = &mut d[cols.start - outs.start..cols.end - outs.start];
-                let src = &tr[cols.start - col0..cols.end - col0];
-                for (i, (d, &v)) in d.iter_mut().zip(src).enumerate() {
-                    d.write(v + bias.map_or(0.0, |b| b[cols.start + i]));
-                }
-            }
+            let rows_out = (r0 - rows.start) * width..(r0 - rows.start + rr) * width;
+            let place = (
+                cols.start - outs.start,
+                cols.start - t * TILE_COLS,
+                cols.len(),
+            );
+            let bias = bias.map(|b| &b[cols]);
+            bias_tile(&tile[..rr], bias, width, place, &mut dst[rows_out]);
         });
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::super::tiled_gemm::by_rows;
     use super::{LANES, TILE_COLS, TILE_PANELS, TILE_ROWS};
     use std::arch::x86_64::*;
-
-    /// Calls `$kernel::<R>` for the runtime row count `$rr` (1..=8).
-    macro_rules! by_rows {
-        ($kernel:ident, $rr:expr, ($($arg:expr),*)) => {
-            match $rr {
-                1 => $kernel::<1>($($arg),*),
-                2 => $kernel::<2>($($arg),*),
-                3 => $kernel::<3>($($arg),*),
-                4 => $kernel::<4>($($arg),*),
-                5 => $kernel::<5>($($arg),*),
-                6 => $kernel::<6>($($arg),*),
-                7 => $kernel::<7>($($arg),*),
-                _ => $kernel::<8>($($arg),*),
-            }
-        };
-    }
 
     /// `rr` rows of `x` (`[rr][2 * k2]` bf16-valued f32) times two packed panels `w`.
     ///
@@ -432,7 +410,8 @@ mod avx512 {
         tile: &mut [[f32; TILE_COLS]; TILE_ROWS],
     ) {
         debug_assert!(w.len() >= TILE_PANELS * k2 * LANES * 2 && x.len() >= rr * 2 * k2);
-        by_rows!(fma_rows, rr, (w.as_ptr(), x.as_ptr(), k2, tile))
+        let (w, x) = (w.as_ptr(), x.as_ptr());
+        by_rows!(fma_rows, rr, (w, x, k2, tile), [1, 2, 3, 4, 5, 6, 7], 8)
     }
 
     #[inline]
@@ -485,7 +464,8 @@ mod avx512 {
         tile: &mut [[f32; TILE_COLS]; TILE_ROWS],
     ) {
         debug_assert!(w.len() >= TILE_PANELS * k2 * LANES * 2 && x.len() >= rr * k2);
-        by_rows!(dp_rows, rr, (w.as_ptr(), x.as_ptr(), k2, tile))
+        let (w, x) = (w.as_ptr(), x.as_ptr());
+        by_rows!(dp_rows, rr, (w, x, k2, tile), [1, 2, 3, 4, 5, 6, 7], 8)
     }
 
     #[inline]

@@ -7,16 +7,10 @@
 //! document ran its dot products at about a third of the cores' f32 peak.
 
 use super::simd;
-use super::tiled_gemm::{for_each_tile, PackedWeight};
+use super::tiled_gemm::{bias_tile, for_each_tile, PackedWeight, LANES, TILE_COLS, TILE_PANELS};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-/// Output columns per packed panel (one zmm of f32 lanes).
-const LANES: usize = 16;
-/// Panels per register tile; the panel count is padded to a multiple of it.
-const TILE_PANELS: usize = 2;
-/// Output columns per register tile.
-const TILE_COLS: usize = LANES * TILE_PANELS;
 /// Activation rows per register tile: 12 x 2 zmm accumulators, two weight vectors and a broadcast.
 const TILE_ROWS: usize = 12;
 
@@ -113,42 +107,6 @@ impl PackedWeight for F32Matrix {
     }
 }
 
-simd::wide_fn!(
-    /// `d[r][dc + i] = tile[r][tc + i] + bias[i]` for `i < n` (`d` rows are `width` apart).
-    fn bias_tile(
-        tile: &[[f32; TILE_COLS]],
-        bias: Option<&[f32]>,
-        width: usize,
-        place: (usize, usize, usize),
-        d: &mut [MaybeUninit<f32>],
-    ) => bias_tile_body
-);
-
-#[inline(always)]
-fn bias_tile_body(
-    tile: &[[f32; TILE_COLS]],
-    bias: Option<&[f32]>,
-    width: usize,
-    (dc, tc, n): (usize, usize, usize),
-    d: &mut [MaybeUninit<f32>],
-) {
-    for (tr, d) in tile.iter().zip(d.chunks_mut(width)) {
-        let (d, acc) = (&mut d[dc..dc + n], &tr[tc..tc + n]);
-        match bias {
-            Some(b) => {
-                for ((d, &a), &b) in d.iter_mut().zip(acc).zip(b) {
-                    d.write(a + b);
-                }
-            }
-            None => {
-                for (d, &a) in d.iter_mut().zip(acc) {
-                    d.write(a);
-                }
-            }
-        }
-    }
-}
-
 /// Rows `0..rr` of `x` (`[rr][k]`) times the two panels `w`, into `tile`.
 fn f32_tile(w: &[f32], x: &[f32], rr: usize, k: usize, tile: &mut [[f32; TILE_COLS]; TILE_ROWS]) {
     #[cfg(target_arch = "x86_64")]
@@ -184,6 +142,7 @@ fn scalar_tile(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::super::tiled_gemm::by_rows;
     use super::{LANES, TILE_COLS, TILE_PANELS, TILE_ROWS};
     use std::arch::x86_64::*;
 
@@ -202,20 +161,13 @@ mod avx512 {
     ) {
         debug_assert!(w.len() >= TILE_PANELS * k * LANES && x.len() >= rr * k);
         let (w, x) = (w.as_ptr(), x.as_ptr());
-        match rr {
-            1 => rows::<1>(w, x, k, tile),
-            2 => rows::<2>(w, x, k, tile),
-            3 => rows::<3>(w, x, k, tile),
-            4 => rows::<4>(w, x, k, tile),
-            5 => rows::<5>(w, x, k, tile),
-            6 => rows::<6>(w, x, k, tile),
-            7 => rows::<7>(w, x, k, tile),
-            8 => rows::<8>(w, x, k, tile),
-            9 => rows::<9>(w, x, k, tile),
-            10 => rows::<10>(w, x, k, tile),
-            11 => rows::<11>(w, x, k, tile),
-            _ => rows::<12>(w, x, k, tile),
-        }
+        by_rows!(
+            rows,
+            rr,
+            (w, x, k, tile),
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+            12
+        )
     }
 
     #[inline]

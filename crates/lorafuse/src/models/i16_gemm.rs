@@ -20,17 +20,11 @@
 //! Gaussian-like rows, about five times below bf16 rounding.
 
 use super::simd;
-use super::tiled_gemm::{for_each_tile, PackedWeight};
+use super::tiled_gemm::{for_each_tile, PackedWeight, LANES, TILE_COLS, TILE_PANELS};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-/// Output columns per packed panel (one zmm of int32 lanes).
-const LANES: usize = 16;
-/// Panels per register tile; the panel count is padded to a multiple of it.
-const TILE_PANELS: usize = 2;
-/// Output columns per register tile.
-const TILE_COLS: usize = LANES * TILE_PANELS;
 /// Activation rows per register tile: 12 x 2 zmm accumulators, two weight vectors and a broadcast.
 const TILE_ROWS: usize = 12;
 /// The bound every int32 partial sum stays under (below 2^31 - 1, leaving room for the f64
@@ -349,6 +343,7 @@ fn scalar_tile(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::super::tiled_gemm::by_rows;
     use super::{row_inverse_scale, LANES, TILE_COLS, TILE_PANELS, TILE_ROWS};
     use std::arch::x86_64::*;
 
@@ -415,20 +410,13 @@ mod avx512 {
         debug_assert!(w.len() >= TILE_PANELS * k2 * LANES * 2 && x.len() >= rr * 2 * k2);
         // Pairs of values are read as one 32-bit lane (input `2j` in the low half).
         let (w, x) = (w.as_ptr(), x.as_ptr() as *const i32);
-        match rr {
-            1 => rows::<1>(w, x, k2, tile),
-            2 => rows::<2>(w, x, k2, tile),
-            3 => rows::<3>(w, x, k2, tile),
-            4 => rows::<4>(w, x, k2, tile),
-            5 => rows::<5>(w, x, k2, tile),
-            6 => rows::<6>(w, x, k2, tile),
-            7 => rows::<7>(w, x, k2, tile),
-            8 => rows::<8>(w, x, k2, tile),
-            9 => rows::<9>(w, x, k2, tile),
-            10 => rows::<10>(w, x, k2, tile),
-            11 => rows::<11>(w, x, k2, tile),
-            _ => rows::<12>(w, x, k2, tile),
-        }
+        by_rows!(
+            rows,
+            rr,
+            (w, x, k2, tile),
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+            12
+        )
     }
 
     #[inline]

@@ -10,11 +10,69 @@
 //! split over the columns go to [`gemv_pool`], whose caller never waits for a descheduled helper.
 
 use super::gemv_pool::{self, TileJob};
+use super::simd;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
+
+/// Output columns per packed panel (one zmm of 32-bit lanes), in every packed format.
+pub(crate) const LANES: usize = 16;
+/// Panels per register tile; a packed weight's panel count is padded to a multiple of it.
+pub(crate) const TILE_PANELS: usize = 2;
+/// Output columns per register tile.
+pub(crate) const TILE_COLS: usize = LANES * TILE_PANELS;
+
+/// `by_rows!(kernel, rr, (args...), [1, 2, ...], max)`: calls `kernel::<R>(args...)` for the
+/// runtime row count `rr` of a register tile, the kernels being instantiated for every count up
+/// to `max` (any larger `rr` takes `max`).
+macro_rules! by_rows {
+    ($kernel:ident, $rr:expr, $args:tt, [$($n:literal),*], $max:literal) => {
+        match $rr {
+            $($n => $kernel::<$n> $args,)*
+            _ => $kernel::<$max> $args,
+        }
+    };
+}
+pub(crate) use by_rows;
+
+simd::wide_fn!(
+    /// The epilogue of an f32 tile: `d[r][dc + i] = tile[r][tc + i] + bias[i]` for `i < n` (`d`
+    /// rows are `width` apart).
+    pub(crate) fn bias_tile(
+        tile: &[[f32; TILE_COLS]],
+        bias: Option<&[f32]>,
+        width: usize,
+        place: (usize, usize, usize),
+        d: &mut [MaybeUninit<f32>],
+    ) => bias_tile_body
+);
+
+#[inline(always)]
+fn bias_tile_body(
+    tile: &[[f32; TILE_COLS]],
+    bias: Option<&[f32]>,
+    width: usize,
+    (dc, tc, n): (usize, usize, usize),
+    d: &mut [MaybeUninit<f32>],
+) {
+    for (tr, d) in tile.iter().zip(d.chunks_mut(width)) {
+        let (d, acc) = (&mut d[dc..dc + n], &tr[tc..tc + n]);
+        match bias {
+            Some(b) => {
+                for ((d, &a), &b) in d.iter_mut().zip(acc).zip(b) {
+                    d.write(a + b);
+                }
+            }
+            None => {
+                for (d, &a) in d.iter_mut().zip(acc) {
+                    d.write(a);
+                }
+            }
+        }
+    }
+}
 
 /// A frozen `[n, k]` weight packed for a register-tiled kernel.
 pub(crate) trait PackedWeight: Send + Sync + 'static {
