@@ -19,6 +19,9 @@ struct Scratch {
     /// Values of one head: `[t][d]` (AVX-512 path).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     vh: Vec<f32>,
+    /// What each key adds to its scores: the mask, and -inf past `t` (AVX-512 path, `[tp]`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    key_bias: Vec<f32>,
     /// Scores, then probabilities, of one head: `[t][tp]`.
     p: Vec<f32>,
     /// The inverse of each query row's probability sum: `[t]`.
@@ -235,11 +238,13 @@ mod avx512 {
         s.vh.resize(t * d + LANES, 0.0);
         s.p.resize(t * tp, 0.0);
         s.o.resize(t, 0.0);
-        // Scores of padded keys: -inf, so that they get no weight.
-        let mut key_bias = vec![f32::NEG_INFINITY; tp];
-        for (j, b) in key_bias.iter_mut().enumerate().take(t) {
-            *b = mask.map_or(0.0, |m| m[j]);
+        // The mask per key, then -inf for the keys padded past `t`, so that they get no weight.
+        s.key_bias.clear();
+        match mask {
+            Some(m) => s.key_bias.extend_from_slice(&m[..t]),
+            None => s.key_bias.resize(t, 0.0),
         }
+        s.key_bias.resize(tp, f32::NEG_INFINITY);
         for head in head0..head0 + heads {
             let (c0, oc) = (head * d, (head - head0) * d);
             for (e, kt) in s.kt.chunks_exact_mut(tp).enumerate() {
@@ -257,7 +262,7 @@ mod avx512 {
                 let p = s.p[i0 * tp..].as_mut_ptr();
                 for j0 in (0..tp).step_by(2 * LANES) {
                     let kt = s.kt[j0..].as_ptr();
-                    let bias = key_bias[j0..].as_ptr();
+                    let bias = s.key_bias[j0..].as_ptr();
                     // SAFETY: rows `i0..i0 + rows` of `q` (stride h, d wide) and of `p` (stride
                     // tp), keys `j0..j0 + 32 <= tp` of every `kt` row and of `key_bias`.
                     match rows {

@@ -222,24 +222,15 @@ impl QuantizedWeight {
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_dim;
         }
-        let tiled = |out: Vec<f32>| Tensor::from_vec(out, out_dims.clone(), x.device());
-        let bias_f32 = || {
+        // The tiled formats add the bias as they write their output.
+        let b = || {
             bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
                 .transpose()
         };
-        let y = match &self.storage {
-            Storage::Bf16(w) => {
-                let out = tiled_gemm::matmul(w, x, bias_f32()?.as_deref())?;
-                return tiled(out)?.to_dtype(x.dtype());
-            }
-            Storage::I16(w) => {
-                let out = tiled_gemm::matmul(w, x, bias_f32()?.as_deref())?;
-                return tiled(out)?.to_dtype(x.dtype());
-            }
-            Storage::F32(w) => {
-                let out = tiled_gemm::matmul(w, x, bias_f32()?.as_deref())?;
-                return tiled(out)?.to_dtype(x.dtype());
-            }
+        let out = match &self.storage {
+            Storage::Bf16(w) => tiled_gemm::matmul(w, x, b()?.as_deref())?,
+            Storage::I16(w) => tiled_gemm::matmul(w, x, b()?.as_deref())?,
+            Storage::F32(w) => tiled_gemm::matmul(w, x, b()?.as_deref())?,
             Storage::Blocks(w) => {
                 let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let acts = QActs::new(&xs, self.in_dim);
@@ -249,13 +240,14 @@ impl QuantizedWeight {
                     x: acts,
                 };
                 let out = gemv_pool::run(Arc::new(job), self.out_dim, rows);
-                Tensor::from_vec(out, out_dims, x.device())?.to_dtype(x.dtype())?
+                let y = Tensor::from_vec(out, out_dims, x.device())?.to_dtype(x.dtype())?;
+                return match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                };
             }
         };
-        match bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        Tensor::from_vec(out, out_dims, x.device())?.to_dtype(x.dtype())
     }
 
     /// The weight as the quantized copy represents it, `[out, in]`, f32.
