@@ -4,10 +4,6 @@ use super::quantized::{QuantFormat, QuantizedWeight};
 use candle_core::{Result, Tensor};
 use std::any::Any;
 
-/// Above this many input rows a packed f32 copy ([`QuantFormat::F32`]) is passed over for the
-/// dense product.
-const PACKED_F32_MAX_ROWS: usize = 2048;
-
 /// Anything that can stand where a model has a linear projection: the frozen base layer, or a
 /// LoRA wrapper around it.
 pub trait LinearLayer: Send + Sync + std::fmt::Debug {
@@ -86,18 +82,13 @@ impl Linear {
     }
 
     /// `x W^T + b` from the quantized copy, or `None` when the dense product must run: no valid
-    /// copy, or `x` tracks a gradient (training differentiates through the exact weight).
+    /// copy, `x` tracks a gradient (training differentiates through the exact weight), or the
+    /// copy leaves inputs of this size to the dense product ([`QuantizedWeight::serves`]).
     pub fn forward_quantized(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let Some(q) = self.quantized() else {
             return Ok(None);
         };
-        if x.track_op() {
-            return Ok(None);
-        }
-        // Packed f32 pays for short batches; on long ones the `gemm` crate's products, which
-        // pack the weight per call, were 4-6% faster (all-MiniLM, 256 documents a batch).
-        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-        if q.format() == QuantFormat::F32 && rows > PACKED_F32_MAX_ROWS {
+        if x.track_op() || !q.serves(x) {
             return Ok(None);
         }
         Ok(Some(q.forward(x, self.bias.as_ref())?))

@@ -122,6 +122,9 @@ impl FromStr for QuantFormat {
     }
 }
 
+/// Above this many input rows a packed f32 copy is passed over for the dense product.
+const PACKED_F32_MAX_ROWS: usize = 2048;
+
 /// The storage of a quantized copy.
 #[derive(Debug, Clone)]
 enum Storage {
@@ -189,6 +192,15 @@ impl QuantizedWeight {
 
     pub fn format(&self) -> QuantFormat {
         self.format
+    }
+
+    /// Whether products with `x` should use this copy. A packed f32 copy pays for short batches
+    /// only: past [`PACKED_F32_MAX_ROWS`] rows the dense product (the `gemm` crate's, which packs
+    /// the weight per call) was 4-6% faster (all-MiniLM, 256 documents a batch). The other formats
+    /// serve every size.
+    pub fn serves(&self, x: &Tensor) -> bool {
+        let rows = x.elem_count() / self.in_dim.max(1);
+        self.format != QuantFormat::F32 || rows <= PACKED_F32_MAX_ROWS
     }
 
     /// Bytes of the quantized copy: what one product reads instead of the dense weight.
